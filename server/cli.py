@@ -1,0 +1,121 @@
+"""``loraplex``: the product's command line. One subcommand per feature; each is a thin shell
+over a library function, and user errors print one line on stderr with exit code 2.
+
+Subcommands today: ``base`` (resolve / materialize the base and print its fingerprint) and
+``adapters`` (list and inspect the adapter store). ``serve``, ``bench`` and ``export-onnx`` are
+added by the issues that build them; ``loraplex --help`` lists what exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from loraplex.server import __version__
+from loraplex.server.errors import LoraplexError
+
+
+def _cmd_base(args: argparse.Namespace) -> int:
+    from loraplex.server.basemodel import resolve_base
+
+    ref = resolve_base(args.model_name_or_path)
+    info = {"id": ref.id, "path": str(ref.path), "fingerprint": ref.fingerprint}
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _adapter_summary(store, name: str) -> dict:
+    from loraplex.server.store import read_lora_spec, read_manifest
+
+    folder = store.existing(name)
+    summary: dict = {"name": name, "path": str(folder)}
+    try:
+        spec = read_lora_spec(folder)
+        summary.update(rank=spec.max_rank, alpha=spec.lora_alpha, target_modules=list(spec.target_modules))
+        manifest = read_manifest(folder)
+        if manifest is not None:
+            summary.update(
+                task=manifest.task,
+                base_model_id=manifest.base_model_id,
+                base_fingerprint=manifest.base_fingerprint,
+                method=manifest.method,
+                weights_sha256=manifest.weights_sha256,
+                metrics=manifest.metrics.model_dump() if manifest.metrics else None,
+                created_at=manifest.created_at,
+            )
+        summary["status"] = "ok"
+    except LoraplexError as exc:
+        summary.update(status="invalid", error=str(exc))
+    return summary
+
+
+def _cmd_adapters_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from loraplex.server.store import AdapterStore
+
+    store = AdapterStore(args.adapters_dir)
+    rows = [_adapter_summary(store, name) for name in store.names()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"adapters in {store.root}")
+    for column in ("name", "rank", "task", "metric: base -> adapter", "status"):
+        table.add_column(column)
+    for row in rows:
+        metrics = row.get("metrics") or {}
+        score = ""
+        if metrics.get("base") is not None and metrics.get("adapter") is not None:
+            score = f"{metrics['metric']}: {metrics['base']:.3f} -> {metrics['adapter']:.3f}"
+        table.add_row(row["name"], str(row.get("rank", "")), str(row.get("task") or ""), score, row["status"] if row["status"] == "ok" else row["error"])
+    Console(width=None if sys.stdout.isatty() else 140).print(table)
+    return 0
+
+
+def _cmd_adapters_show(args: argparse.Namespace) -> int:
+    from loraplex.server.store import AdapterStore
+
+    print(json.dumps(_adapter_summary(AdapterStore(args.adapters_dir), args.name), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraplex", description="One base model, many LoRA adapters.")
+    parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    base = sub.add_parser("base", help="resolve the base model (materializing the embedded one) and print its fingerprint")
+    base.add_argument("--model_name_or_path", "--base", default="embedded", help="'embedded' (default), a model folder or a hub id")
+    base.set_defaults(func=_cmd_base)
+
+    adapters = sub.add_parser("adapters", help="list or inspect the adapter store")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", metavar="ACTION", required=True)
+    listing = adapters_sub.add_parser("list", help="every adapter in the store with its rank, task and scores")
+    listing.add_argument("--adapters-dir", default="adapters", help="the adapter store (default: adapters)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    listing.set_defaults(func=_cmd_adapters_list)
+    show = adapters_sub.add_parser("show", help="one adapter's config and manifest as JSON")
+    show.add_argument("name")
+    show.add_argument("--adapters-dir", default="adapters", help="the adapter store (default: adapters)")
+    show.set_defaults(func=_cmd_adapters_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except LoraplexError as exc:
+        print(f"loraplex: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
