@@ -213,7 +213,9 @@ def build_parser(prog: str = "train-adapter") -> argparse.ArgumentParser:
             metavar = meta["metavar"]
             if meta["choices"] and metavar is None:
                 metavar = "|".join(meta["choices"]) if len(meta["choices"]) <= 5 else "NAME"
-                help_text += f" Choices: {', '.join(meta['choices'])}."
+                if metavar == "NAME":
+                    help_text += f" Choices: {', '.join(meta['choices'])}."
+            metavar = metavar or {int: "N", float: "X", str: "TEXT"}[_field_type(f)]
             group.add_argument(
                 f"--{f.name}", type=_field_type(f), choices=meta["choices"], metavar=metavar, help=help_text
             )
