@@ -1,9 +1,9 @@
 """``loraplex``: the product's command line. One subcommand per feature; each is a thin shell
 over a library function, and user errors print one line on stderr with exit code 2.
 
-Subcommands today: ``base`` (resolve / materialize the base and print its fingerprint) and
-``adapters`` (list and inspect the adapter store). ``serve``, ``bench`` and ``export-onnx`` are
-added by the issues that build them; ``loraplex --help`` lists what exists.
+Subcommands: ``serve`` (the HTTP server), ``base`` (resolve / materialize the base and print its
+fingerprint) and ``adapters`` (list and inspect the adapter store). ``loraplex --help`` lists
+what exists.
 """
 
 from __future__ import annotations
@@ -82,10 +82,55 @@ def _cmd_adapters_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _settings_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per ServerSettings field (--max-loras ...); only flags given override env/defaults."""
+    from loraplex.server.settings import ServerSettings
+
+    for name, field in ServerSettings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        help_text = f"{field.description} (env LORAPLEX_{name.upper()}; default: {field.default if field.default_factory is None else '[]'})"
+        if annotation is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        elif name == "preload":
+            parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, metavar="NAMES", help=help_text)
+        else:
+            choices = getattr(annotation, "__args__", None) if "Literal" in str(annotation) else None
+            kind = int if annotation is int else float if annotation is float else str
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from loraplex.server.runtime import build_runtime
+    from loraplex.server.settings import ServerSettings
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    try:
+        settings = ServerSettings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        print(f"loraplex serve: error: --{field.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime = build_runtime(settings)
+    uvicorn.run(runtime.app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description="One base model, many LoRA adapters.")
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="serve the base and every adapter in the store over HTTP (OpenAI-compatible)")
+    _settings_flags(serve)
+    serve.set_defaults(func=_cmd_serve)
 
     base = sub.add_parser("base", help="resolve the base model (materializing the embedded one) and print its fingerprint")
     base.add_argument("--model_name_or_path", "--base", default="embedded", help="'embedded' (default), a model folder or a hub id")

@@ -10,40 +10,9 @@ from loraplex.server.basemodel import compute_fingerprint
 from loraplex.server.engine.engine import Engine, EngineRequest
 from loraplex.server.engine.sampling import SamplingParams
 from loraplex.server.registry import BaseShapes, load_validated_adapter
+from tests.oracle import make_random_adapter, reference_greedy
 
 N_TOKENS = 12
-
-
-def make_random_adapter(base_dir, folder, *, seed, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-    """A peft LoRA folder with random non-zero B (so each adapter visibly changes outputs)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=4 * r, target_modules=list(targets), init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(str(folder))
-    return folder
-
-
-def reference_greedy(base_dir, adapter_dir, prompt_ids, n=N_TOKENS):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
-    model.eval()
-    ids = list(prompt_ids)
-    with torch.no_grad():
-        for _ in range(n):
-            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-            ids.append(int(torch.argmax(logits)))
-    return ids[len(prompt_ids):]
 
 
 @pytest.fixture(scope="module")

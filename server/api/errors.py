@@ -1,0 +1,45 @@
+"""THE one place mapping loraplex errors to HTTP status + OpenAI error JSON (and, when the gRPC
+front lands, to gRPC status codes). Every front goes through this table."""
+
+from __future__ import annotations
+
+from loraplex.server.errors import (
+    AdapterExists,
+    AdapterInvalid,
+    AdapterNotFound,
+    BaseModelError,
+    LoraplexError,
+    NotReady,
+    Overloaded,
+    RequestInvalid,
+)
+
+#: error class -> (HTTP status, OpenAI error type)
+HTTP_STATUS: dict[type[LoraplexError], tuple[int, str]] = {
+    RequestInvalid: (400, "BadRequestError"),
+    AdapterInvalid: (400, "BadRequestError"),
+    AdapterExists: (409, "ConflictError"),
+    AdapterNotFound: (404, "NotFoundError"),
+    Overloaded: (429, "RateLimitError"),
+    NotReady: (503, "ServiceUnavailableError"),
+    BaseModelError: (500, "InternalServerError"),
+}
+RETRY_AFTER_SECONDS = 1
+
+
+def http_status(exc: LoraplexError) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in HTTP_STATUS:
+            return HTTP_STATUS[cls]
+    return 500, "InternalServerError"
+
+
+def openai_error_body(message: str, err_type: str, status: int, *, param: str | None = None, code: str | int | None = None) -> dict:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code if code is not None else status}}
+
+
+def http_error(exc: LoraplexError) -> tuple[int, dict, dict[str, str]]:
+    """(status, body, headers) for a loraplex error."""
+    status, err_type = http_status(exc)
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else {}
+    return status, openai_error_body(exc.message, err_type, status, param=exc.param, code=exc.code), headers

@@ -1,0 +1,53 @@
+"""Build the FastAPI app: routers, and exception handlers that route every error through the
+one mapping in ``loraplex.server.api.errors`` (malformed JSON and schema errors are 400s,
+never 500s)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from loraplex.server import __version__
+from loraplex.server.api.errors import http_error, openai_error_body
+from loraplex.server.api.http import routes_admin, routes_openai, routes_ops
+from loraplex.server.errors import LoraplexError
+
+log = logging.getLogger("loraplex.http")
+
+
+def create_app(service, metrics, lifespan=None) -> FastAPI:
+    app = FastAPI(title="loraplex", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app.state.service = service
+    app.state.metrics = metrics
+    for router in (routes_openai.router, routes_admin.router, routes_ops.router):
+        app.include_router(router)
+
+    @app.exception_handler(LoraplexError)
+    async def _loraplex_error(request: Request, exc: LoraplexError):
+        status, body, headers = http_error(exc)
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        param = ".".join(loc) or None
+        if first.get("type") == "json_invalid":
+            param = None
+            message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        else:
+            message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+            if "input" in first and first.get("type") != "missing":
+                message += f" (got {str(first['input'])[:100]!r})"
+        return JSONResponse(openai_error_body(message, "BadRequestError", 400, param=param, code="invalid_request"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(openai_error_body(f"internal error: {type(exc).__name__}", "InternalServerError", 500), status_code=500)
+
+    return app

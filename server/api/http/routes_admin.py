@@ -1,0 +1,38 @@
+"""Models and adapters: GET /v1/models, vLLM's POST /v1/load_lora_adapter and
+/v1/unload_lora_adapter, GET /v1/adapters and /v1/adapters/{name}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from loraplex.server.api.http.protocol import LoadLoraRequest, UnloadLoraRequest
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    return {"object": "list", "data": request.app.state.service.list_models()}
+
+
+@router.post("/v1/load_lora_adapter")
+async def load_lora_adapter(body: LoadLoraRequest, request: Request):
+    info = await request.app.state.service.load_adapter(body.lora_name, body.lora_path)
+    return {"status": "loaded", "adapter": info}
+
+
+@router.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request):
+    info = await request.app.state.service.unload_adapter(body.lora_name)
+    status = "unloading" if info["state"] == "resident" else "unloaded"
+    return {"status": status, "adapter": info}
+
+
+@router.get("/v1/adapters")
+async def list_adapters(request: Request):
+    return {"object": "list", "data": request.app.state.service.describe_adapters()}
+
+
+@router.get("/v1/adapters/{name}")
+async def get_adapter(name: str, request: Request):
+    return request.app.state.service.describe_adapter(name)

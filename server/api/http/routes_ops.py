@@ -1,0 +1,27 @@
+"""GET /health (process alive), /ready (base loaded and a real forward succeeded), /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health():
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request):
+    service = getattr(request.app.state, "service", None)
+    if service is None or not service.ready:
+        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+    return {"status": "ready", "base": service.base_name, "fingerprint": service.base_fingerprint}
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,55 @@
+"""Prometheus metrics of one server (its own CollectorRegistry, so several servers can live in
+one process in tests). Per-adapter series use the label ``adapter`` (the bare base counts under
+its served name). Also exports the names the Kubernetes Gateway API Inference Extension reads
+(``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``,
+``vllm:lora_requests_info``) so adapter-affinity routing works unchanged."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("loraplex_requests", "Finished requests by adapter and status.", ["adapter", "status"], registry=r)
+        self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
+        self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.e2e_latency = Histogram("loraplex_e2e_request_latency_seconds", "End-to-end request latency.", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Time to first token.", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("loraplex_inter_token_latency_seconds", "Time between tokens of one request.", ["adapter"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.queue_time = Histogram("loraplex_queue_time_seconds", "Time from arrival to first token scheduled.", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.running = Gauge("loraplex_num_requests_running", "Requests in the running batch.", registry=r)
+        self.waiting = Gauge("loraplex_num_requests_waiting", "Requests waiting to join the batch.", registry=r)
+        self.resident = Gauge("loraplex_adapters_resident", "Adapters resident in memory.", registry=r)
+        self.load_seconds = Histogram("loraplex_adapter_load_seconds", "Adapter load (validate + install) duration.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("loraplex_batch_size", "Sequences in the running batch at each decode step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.evictions = Counter("loraplex_adapter_evictions", "Adapters evicted by LRU.", registry=r)
+        self.load_failures = Counter("loraplex_adapter_load_failures", "Adapter loads refused.", ["adapter"], registry=r)
+        # names the Gateway API Inference Extension (endpoint picker) scrapes from vLLM
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM-compatible).", registry=r)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible).", registry=r)
+        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM-compatible).", registry=r)
+        self.vllm_lora = Gauge(
+            "vllm:lora_requests_info",
+            "Running and waiting LoRA adapters (vLLM-compatible); value = last update time.",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            registry=r,
+        )
+
+    def bind(self, running: Callable[[], int], waiting: Callable[[], int], kv_usage: Callable[[], float], resident: Callable[[], int]) -> None:
+        for gauge, fn in ((self.running, running), (self.vllm_running, running), (self.waiting, waiting), (self.vllm_waiting, waiting), (self.vllm_kv, kv_usage), (self.resident, resident)):
+            gauge.set_function(fn)
+
+    def set_lora_info(self, max_lora: int, running: Iterable[str], waiting: Iterable[str]) -> None:
+        self.vllm_lora.clear()
+        self.vllm_lora.labels(str(max_lora), ",".join(sorted(set(running))), ",".join(sorted(set(waiting)))).set(time.time())
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

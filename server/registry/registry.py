@@ -1,0 +1,229 @@
+"""The adapter registry: name -> state, LRU over idle resident adapters, refcounts.
+
+States: ``available`` (in the store, not in memory) -> ``loading`` -> ``resident``; a refused
+adapter is ``failed`` with its reason (and can be retried). An adapter serving a request is never
+evicted or unloaded mid-request: ``unload`` of a busy adapter marks it and it leaves memory when
+its last request finishes (requests in flight are never cut). Validation runs off the event loop;
+the install into the engine runs on the engine thread between steps (``installer``).
+
+Used from the asyncio event loop only. Knows nothing of HTTP, gRPC or tokenization.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Awaitable, Callable, Mapping, Sequence
+
+from loraplex.server.errors import AdapterInvalid, AdapterNotFound, LoraplexError, Overloaded
+from loraplex.server.registry.validation import BaseShapes, ValidatedAdapter, load_validated_adapter, resolve_adapter_path
+from loraplex.server.store import AdapterStore
+from loraplex.server.store.names import validate_adapter_name
+
+Installer = Callable[[Sequence[tuple[str, Mapping[str, object]]]], Awaitable[None]]
+
+
+class AdapterState(str, Enum):
+    AVAILABLE = "available"
+    LOADING = "loading"
+    RESIDENT = "resident"
+    FAILED = "failed"
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    path: Path
+    state: AdapterState = AdapterState.AVAILABLE
+    error: str | None = None
+    adapter: ValidatedAdapter | None = None
+    refcount: int = 0
+    last_used: float = 0.0
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    requests_served: int = 0
+    unload_pending: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    def describe(self) -> dict:
+        info = {
+            "name": self.name,
+            "state": self.state.value,
+            "path": str(self.path),
+            "requests_served": self.requests_served,
+            "running_requests": self.refcount,
+            "loaded_at": self.loaded_at,
+            "last_error": self.error,
+        }
+        if self.adapter is not None:
+            a = self.adapter
+            info.update(
+                rank=a.max_rank,
+                target_modules=sorted({m.rsplit(".", 1)[-1] for m in a.modules}),
+                size_bytes=a.size_bytes,
+                sha256=a.weights_sha256,
+                base_fingerprint=a.manifest.base_fingerprint if a.manifest else None,
+                task=a.manifest.task if a.manifest else None,
+            )
+        return info
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        base: BaseShapes,
+        installer: Installer,
+        *,
+        max_loras: int,
+        max_lora_rank: int,
+        allow_external_paths: bool = False,
+        on_event: Callable[[str, AdapterEntry], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.base = base
+        self.installer = installer
+        self.max_loras = max_loras
+        self.max_lora_rank = max_lora_rank
+        self.allow_external_paths = allow_external_paths
+        self.entries: dict[str, AdapterEntry] = {}
+        self.on_event = on_event or (lambda kind, entry: None)
+        self._install_lock = asyncio.Lock()
+        self.evictions = 0
+
+    # ------------------------------------------------------------ discovery
+    def scan(self) -> None:
+        """Register adapters present in the store; forget vanished ones that are not in memory."""
+        present = set(self.store.names())
+        for name in present:
+            if name not in self.entries:
+                self.entries[name] = AdapterEntry(name=name, path=self.store.root / name)
+        for name in list(self.entries):
+            entry = self.entries[name]
+            if name not in present and entry.state != AdapterState.RESIDENT and entry.path.parent == self.store.root:
+                del self.entries[name]
+
+    def get(self, name: str) -> AdapterEntry:
+        entry = self.entries.get(name)
+        if entry is None:
+            self.scan()
+            entry = self.entries.get(name)
+        if entry is None:
+            raise AdapterNotFound(f"The model `{name}` does not exist.", param="model")
+        return entry
+
+    def resident(self) -> list[AdapterEntry]:
+        return [e for e in self.entries.values() if e.state == AdapterState.RESIDENT]
+
+    # ------------------------------------------------------------- loading
+    async def load(self, name: str, path: str | None = None) -> AdapterEntry:
+        """Validate and install ``name`` (from the store, or ``path``); idempotent when resident."""
+        validate_adapter_name(name)
+        if path is not None:
+            folder = resolve_adapter_path(self.store, name, path, allow_external=self.allow_external_paths)
+            entry = self.entries.get(name)
+            if entry is None or entry.path != folder:
+                if entry is not None and entry.state == AdapterState.RESIDENT:
+                    raise AdapterInvalid(f"adapter {name!r} is already loaded from {entry.path}; unload it first", param="lora_name")
+                entry = self.entries[name] = AdapterEntry(name=name, path=folder)
+        else:
+            entry = self.get(name)
+        async with entry.lock:
+            if entry.state == AdapterState.RESIDENT:
+                entry.unload_pending = False
+                return entry
+            entry.state, entry.error = AdapterState.LOADING, None
+            started = time.perf_counter()
+            try:
+                validated = await asyncio.to_thread(
+                    load_validated_adapter, entry.path, name, self.base, max_lora_rank=self.max_lora_rank
+                )
+                async with self._install_lock:
+                    self._make_room(exclude=name)
+                    entry.adapter = validated
+                    entry.state = AdapterState.RESIDENT
+                    try:
+                        await self._install()
+                    except BaseException:
+                        entry.adapter, entry.state = None, AdapterState.AVAILABLE
+                        raise
+            except LoraplexError as exc:
+                entry.state, entry.error, entry.adapter = AdapterState.FAILED, str(exc), None
+                self.on_event("failed", entry)
+                raise
+            entry.loaded_at = time.time()
+            entry.load_seconds = time.perf_counter() - started
+            entry.last_used = time.monotonic()
+            self.on_event("loaded", entry)
+            return entry
+
+    def _make_room(self, exclude: str) -> None:
+        resident = [e for e in self.resident() if e.name != exclude]
+        while len(resident) >= self.max_loras:
+            idle = [e for e in resident if e.refcount == 0]
+            if not idle:
+                raise Overloaded(
+                    f"all {len(resident)} resident adapters (--max-loras {self.max_loras}) are serving requests; retry later"
+                )
+            victim = min(idle, key=lambda e: e.last_used)
+            victim.state, victim.adapter = AdapterState.AVAILABLE, None
+            resident.remove(victim)
+            self.evictions += 1
+            self.on_event("evicted", victim)
+
+    async def _install(self) -> None:
+        resident = sorted(self.resident(), key=lambda e: e.name)
+        await self.installer([(e.name, e.adapter.modules) for e in resident])
+
+    async def unload(self, name: str) -> AdapterEntry:
+        entry = self.get(name)
+        if entry.state != AdapterState.RESIDENT:
+            raise AdapterNotFound(f"adapter {name!r} is not loaded (state: {entry.state.value})", param="lora_name")
+        if entry.refcount > 0:
+            entry.unload_pending = True  # leaves memory when its last request finishes
+            return entry
+        await self._remove(entry)
+        return entry
+
+    async def _remove(self, entry: AdapterEntry) -> None:
+        async with self._install_lock:
+            entry.state, entry.adapter, entry.unload_pending = AdapterState.AVAILABLE, None, False
+            await self._install()
+        self.on_event("unloaded", entry)
+
+    # ---------------------------------------------------------- per request
+    async def acquire(self, name: str) -> AdapterEntry:
+        """Make ``name`` resident (loading on demand) and count one request on it."""
+        entry = self.get(name)
+        if entry.state != AdapterState.RESIDENT:
+            entry = await self.load(name)
+        entry.refcount += 1
+        entry.last_used = time.monotonic()
+        return entry
+
+    async def release(self, entry: AdapterEntry) -> None:
+        entry.refcount -= 1
+        entry.requests_served += 1
+        entry.last_used = time.monotonic()
+        if entry.refcount == 0 and entry.unload_pending and entry.state == AdapterState.RESIDENT:
+            await self._remove(entry)
+
+    async def refresh_changed(self) -> list[str]:
+        """--watch: reload resident adapters whose weights were republished; returns their names."""
+        from loraplex.server.store import ADAPTER_WEIGHTS, sha256_file
+
+        changed = []
+        for entry in self.resident():
+            weights = entry.path / ADAPTER_WEIGHTS
+            try:
+                current = await asyncio.to_thread(sha256_file, weights)
+            except OSError:
+                continue  # store folder removed: keep serving from memory until evicted
+            if entry.adapter is not None and current != entry.adapter.weights_sha256 and entry.refcount == 0:
+                await self._remove(entry)
+                await self.load(entry.name)
+                changed.append(entry.name)
+        return changed

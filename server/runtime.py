@@ -1,0 +1,178 @@
+"""Assemble a server from ``ServerSettings``: base model (loaded once), engine, scheduler thread,
+adapter registry, service, metrics and the HTTP app with its start-up / shut-down sequence.
+
+Start-up: scan the store, preload adapters, run one real one-token forward (warm-up), then
+/ready turns 200. Shut-down: stop the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from loraplex.server.api.http.app import create_app
+from loraplex.server.basemodel import BaseModelRef, load_base_model, load_tokenizer, resolve_base
+from loraplex.server.engine.engine import Engine, EngineRequest
+from loraplex.server.engine.sampling import SamplingParams
+from loraplex.server.metrics import ServerMetrics
+from loraplex.server.registry import AdapterRegistry, BaseShapes
+from loraplex.server.scheduler import Scheduler
+from loraplex.server.service import GenerationService
+from loraplex.server.settings import ServerSettings
+from loraplex.server.store import AdapterStore
+
+log = logging.getLogger("loraplex.runtime")
+
+
+@dataclass
+class Runtime:
+    settings: ServerSettings
+    ref: BaseModelRef
+    quantize: str
+    device: str
+    tokenizer: Any
+    engine: Engine
+    scheduler: Scheduler
+    registry: AdapterRegistry
+    service: GenerationService
+    metrics: ServerMetrics
+    app: Any = None
+    background: list = field(default_factory=list)
+
+    def banner(self) -> str:
+        names = sorted(self.registry.entries)
+        return (
+            f"loraplex: HTTP on http://{self.settings.host}:{self.settings.port}\n"
+            f"  base: {self.ref.id} (fingerprint {self.ref.fingerprint}, {self.ref.path})\n"
+            f"  quantization: {self.quantize} on {self.device}; max batch {self.settings.max_batch_size}, "
+            f"max model len {self.settings.max_model_len}, max loras {self.settings.max_loras}\n"
+            f"  adapters in {self.settings.adapters_dir}: {', '.join(names) if names else '(none)'}"
+        )
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, (list, tuple)):
+        ids.update(int(i) for i in configured)
+    return sorted(ids)
+
+
+def build_runtime(settings: ServerSettings) -> Runtime:
+    ref = resolve_base(settings.base)
+    device, quantize = settings.resolved_device(), settings.resolved_quantize()
+    tokenizer = load_tokenizer(ref)
+    model = load_base_model(ref, quantize=quantize, device=device)
+    shapes = BaseShapes.from_model(model, ref.fingerprint)
+    engine = Engine(
+        model,
+        eos_token_ids=_eos_ids(tokenizer, model),
+        max_batch_size=settings.max_batch_size,
+        max_model_len=settings.max_model_len,
+        device=device,
+    )
+    scheduler = Scheduler(engine, max_queue=settings.max_queue)
+    metrics = ServerMetrics()
+
+    async def install(adapters):
+        await asyncio.wrap_future(scheduler.call(lambda e: e.set_adapters(adapters)))
+
+    def on_event(kind: str, entry) -> None:
+        if kind == "evicted":
+            metrics.evictions.inc()
+        elif kind == "failed":
+            metrics.load_failures.labels(entry.name).inc()
+            log.warning("adapter %s refused: %s", entry.name, entry.error)
+        else:
+            log.info("adapter %s %s", entry.name, kind)
+
+    registry = AdapterRegistry(
+        AdapterStore(settings.adapters_dir),
+        shapes,
+        install,
+        max_loras=settings.max_loras,
+        max_lora_rank=settings.max_lora_rank,
+        allow_external_paths=settings.allow_external_adapter_paths,
+        on_event=on_event,
+    )
+    service = GenerationService(
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        registry=registry,
+        metrics=metrics,
+        settings=settings,
+        base_name=settings.served_model_name or ref.id,
+        base_fingerprint=ref.fingerprint,
+    )
+    metrics.bind(
+        running=lambda: engine.num_running,
+        waiting=lambda: scheduler.num_waiting,
+        kv_usage=engine.kv_usage,
+        resident=service.resident_count,
+    )
+    scheduler.on_step = lambda: engine.num_running and metrics.batch_size.observe(engine.num_running)
+    runtime = Runtime(settings, ref, quantize, device, tokenizer, engine, scheduler, registry, service, metrics)
+    runtime.app = create_app(service, metrics, lifespan=_lifespan(runtime))
+    return runtime
+
+
+async def _warm_up(runtime: Runtime) -> None:
+    """One real one-token forward through the scheduler: /ready means the model really runs."""
+    done: asyncio.Future = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+
+    def emit(token, finish):
+        if finish is not None:
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(finish))
+
+    prompt = [runtime.tokenizer.bos_token_id or runtime.tokenizer.eos_token_id or 0]
+    runtime.scheduler.submit(EngineRequest("warmup", prompt, None, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True), emit))
+    finish = await done
+    if finish not in ("length", "stop"):
+        raise RuntimeError(f"warm-up forward failed (finish reason {finish})")
+
+
+async def _watch(runtime: Runtime) -> None:
+    while True:
+        await asyncio.sleep(runtime.settings.watch_interval)
+        try:
+            before = set(runtime.registry.entries)
+            runtime.registry.scan()
+            added = sorted(set(runtime.registry.entries) - before)
+            if added:
+                log.info("watch: new adapters in the store: %s", ", ".join(added))
+            for name in await runtime.registry.refresh_changed():
+                log.info("watch: reloaded republished adapter %s", name)
+        except Exception:  # the watcher must never die
+            log.exception("watch: store poll failed")
+
+
+def _lifespan(runtime: Runtime):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        runtime.scheduler.start()
+        runtime.registry.scan()
+        for name in runtime.settings.preload:
+            await runtime.service.load_adapter(name)
+        await _warm_up(runtime)
+        runtime.service._update_lora_info()
+        runtime.service.ready = True
+        print(runtime.banner(), flush=True)
+        if runtime.settings.watch:
+            runtime.background.append(asyncio.create_task(_watch(runtime)))
+        try:
+            yield
+        finally:
+            runtime.service.ready = False
+            for task in runtime.background:
+                task.cancel()
+            runtime.scheduler.stop()
+
+    return lifespan

@@ -1,0 +1,108 @@
+"""The scheduler: the one thread that owns the engine. Requests wait in a bounded queue and join
+the running batch at the next step; commands (adapter installs) run between steps.
+
+Other threads only call ``submit``, ``cancel`` (via the request flag) and ``call``; the engine
+is never touched concurrently. Knows nothing of text or HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from loraplex.server.engine.engine import FINISH_ERROR, Engine, EngineRequest
+from loraplex.server.errors import Overloaded
+
+log = logging.getLogger("loraplex.scheduler")
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self.waiting: deque[EngineRequest] = deque()
+        self.commands: deque[tuple[Callable[[Engine], Any], Future]] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self.steps = 0
+        self.on_step: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, request: EngineRequest) -> None:
+        with self._cv:
+            if len(self.waiting) >= self.max_queue and not self.engine.has_capacity():
+                raise Overloaded(f"queue full: {len(self.waiting)} requests waiting (--max-queue {self.max_queue}); retry later")
+            self.waiting.append(request)
+            self._cv.notify_all()
+
+    def call(self, fn: Callable[[Engine], Any]) -> Future:
+        """Run ``fn(engine)`` on the engine thread between two steps."""
+        future: Future = Future()
+        with self._cv:
+            self.commands.append((fn, future))
+            self._cv.notify_all()
+        return future
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _has_work(self) -> bool:
+        return bool(self.commands or self.waiting or self.engine.num_running)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._has_work():
+                    self._cv.wait(timeout=0.5)
+                if self._stop:
+                    break
+                commands = list(self.commands)
+                self.commands.clear()
+            for fn, future in commands:
+                try:
+                    future.set_result(fn(self.engine))
+                except BaseException as exc:  # the caller gets the error; the engine goes on
+                    future.set_exception(exc)
+            self._admit()
+            if self.engine.num_running:
+                try:
+                    self.engine.decode()
+                except Exception:
+                    log.exception("decode step failed; ending the running requests")
+                    self.engine.fail_all(FINISH_ERROR)
+            self.steps += 1
+            if self.on_step is not None:
+                self.on_step()
+
+    def _admit(self) -> None:
+        while self.engine.has_capacity():
+            with self._cv:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                request.emit(None, request.cancel_reason)
+                continue
+            try:
+                self.engine.prefill(request)
+            except Exception:
+                log.exception("prefill failed for request %s", request.request_id)
+                request.emit(None, FINISH_ERROR)

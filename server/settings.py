@@ -1,0 +1,56 @@
+"""``ServerSettings``: every knob of ``loraplex serve``, from flags or ``LORAPLEX_*`` env vars.
+
+Validated once here (pydantic-settings); the CLI builds its flags from these fields, and flags
+given on the command line override the environment. Read at call time, never at import.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAPLEX_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    base: str = Field("embedded", description="base model: 'embedded', a model folder or a hub id")
+    served_model_name: str | None = Field(None, description="name clients use for the bare base (default: the base id)")
+    adapters_dir: str = Field("adapters", description="the adapter store")
+    quantize: Literal["auto", "none", "int8", "nf4"] = Field(
+        "auto", description="bitsandbytes quantization of the base; auto = none on CPU, nf4 on CUDA"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
+    max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
+    max_batch_size: int = Field(16, ge=1, description="sequences decoded together in one forward")
+    max_model_len: int = Field(2048, ge=8, description="prompt + generated tokens per request")
+    max_queue: int = Field(256, ge=0, description="requests waiting beyond the running batch; more get 429")
+    max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    preload: list[str] = Field(default_factory=list, description="adapters to load at start (comma-separated)")
+    watch: bool = Field(False, description="poll the store and pick up adapters published while running")
+    watch_interval: float = Field(2.0, gt=0, description="seconds between store polls with --watch")
+    allow_external_adapter_paths: bool = Field(False, description="let load_lora_adapter take paths outside the store")
+    log_level: str = Field("info", description="uvicorn log level")
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split_names(cls, value):
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_quantize(self) -> str:
+        if self.quantize != "auto":
+            return self.quantize
+        return "nf4" if self.resolved_device() == "cuda" else "none"

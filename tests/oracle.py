@@ -1,0 +1,41 @@
+"""The independent reference for serving correctness: peft's PeftModel with ONE adapter, greedy,
+recomputing the whole sequence at every step (no KV cache, no batching), plus random adapters
+that visibly change the model."""
+
+from __future__ import annotations
+
+import torch
+
+def make_random_adapter(base_dir, folder, *, seed, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+    """A peft LoRA folder with random non-zero B (so each adapter visibly changes outputs)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=4 * r, target_modules=list(targets), init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+def reference_greedy(base_dir, adapter_dir, prompt_ids, n=12, quantization_config=None):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"quantization_config": quantization_config, "device_map": "cpu"} if quantization_config else {}
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+    return ids[len(prompt_ids):]
+
+
