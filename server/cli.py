@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
+    bench = sub.add_parser("bench", help="benchmark a server: mixed-adapter vs base-only vs naive peft throughput, latency, hot-load")
+    from loraplex.server import bench as bench_module
+
+    bench_module.add_arguments(bench)
+    bench.set_defaults(func=lambda args: bench_module.run(args))
+
     base = sub.add_parser("base", help="resolve the base model (materializing the embedded one) and print its fingerprint")
     base.add_argument("--model_name_or_path", "--base", default="embedded", help="'embedded' (default), a model folder or a hub id")
     base.set_defaults(func=_cmd_base)

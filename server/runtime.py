@@ -81,8 +81,12 @@ def build_runtime(settings: ServerSettings) -> Runtime:
     scheduler = Scheduler(engine, max_queue=settings.max_queue)
     metrics = ServerMetrics()
 
-    async def install(adapters):
-        await asyncio.wrap_future(scheduler.call(lambda e: e.set_adapters(adapters)))
+    class EngineInstaller:
+        async def add(self, name, modules):
+            await asyncio.wrap_future(scheduler.call(lambda e: e.add_adapter(name, modules)))
+
+        async def remove(self, name):
+            await asyncio.wrap_future(scheduler.call(lambda e: e.remove_adapter(name)))
 
     def on_event(kind: str, entry) -> None:
         if kind == "evicted":
@@ -96,7 +100,7 @@ def build_runtime(settings: ServerSettings) -> Runtime:
     registry = AdapterRegistry(
         AdapterStore(settings.adapters_dir),
         shapes,
-        install,
+        EngineInstaller(),
         max_loras=settings.max_loras,
         max_lora_rank=settings.max_lora_rank,
         allow_external_paths=settings.allow_external_adapter_paths,

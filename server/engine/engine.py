@@ -17,7 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from loraplex.server.engine.batch import KvBatch
-from loraplex.server.engine.lora import LoraBatchContext, SlotTable, inject_multi_lora, rebuild_stacks
+from loraplex.server.engine.lora import LoraBatchContext, LoraSlots, inject_multi_lora
 from loraplex.server.engine.sampling import SamplingParams, make_generator, sample_row
 
 log = logging.getLogger("loraplex.engine")
@@ -68,7 +68,9 @@ class Engine:
         self.max_model_len = max_model_len
         self.context = LoraBatchContext()
         self.layers = inject_multi_lora(model, self.context)
-        self.slot_table = SlotTable()
+        param = next(p for p in model.parameters() if p.is_floating_point())
+        lora_dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        self.slot_table = LoraSlots(self.layers, self.context, dtype=lora_dtype, device=self.device)
         self.batch: KvBatch | None = None
         self.running: list[_Running] = []
         self.peak_batch_size = 0
@@ -79,15 +81,30 @@ class Engine:
     def resident_adapters(self) -> list[str]:
         return list(self.slot_table.names)
 
-    def set_adapters(self, adapters: Sequence[tuple[str, Mapping[str, object]]]) -> None:
-        """Install exactly these adapters (name, modules) in the slots; running rows keep theirs."""
-        missing = {r.request.adapter for r in self.running if r.request.adapter} - {n for n, _ in adapters}
-        if missing:
-            raise RuntimeError(f"cannot drop adapters still in use by running requests: {sorted(missing)}")
-        dtype = next(p for p in self.model.parameters() if p.is_floating_point()).dtype
-        self.slot_table = rebuild_stacks(self.layers, adapters, dtype=torch.float32 if dtype not in (torch.float16, torch.bfloat16) else dtype, device=self.device)
+    def add_adapter(self, name: str, modules: Mapping[str, object]) -> None:
+        """Write an adapter into a free slot (replacing a same-named one not in use)."""
+        if name in self.slot_table.slots:
+            self._refuse_if_busy(name)
+        self.slot_table.add(name, modules)
         self._slot_key = None
-        self.context.version += 1
+
+    def remove_adapter(self, name: str) -> None:
+        self._refuse_if_busy(name)
+        self.slot_table.remove(name)
+        self._slot_key = None
+
+    def _refuse_if_busy(self, name: str) -> None:
+        if any(r.request.adapter == name for r in self.running):
+            raise RuntimeError(f"adapter {name!r} is still in use by running requests")
+
+    def set_adapters(self, adapters: Sequence[tuple[str, Mapping[str, object]]]) -> None:
+        """Make exactly these adapters resident (convenience over add/remove)."""
+        wanted = {name for name, _ in adapters}
+        for name in [n for n in self.slot_table.slots if n not in wanted]:
+            self.remove_adapter(name)
+        for name, modules in adapters:
+            if name not in self.slot_table.slots:
+                self.add_adapter(name, modules)
 
     def _use_slots(self, slots: tuple[int, ...]) -> None:
         if slots != self._slot_key:

@@ -53,6 +53,35 @@ class MultiLoraLinear(nn.Module):
         self.stack_a, self.stack_b = stack_a, stack_b
         self._gathered = None
 
+    def ensure(self, capacity: int, rank: int, dtype: torch.dtype, device) -> None:
+        """Grow the stacks to hold ``capacity`` slots of rank ``rank``, keeping what they hold."""
+        if self.stack_a is not None and self.stack_a.shape[0] >= capacity and self.stack_a.shape[2] >= rank:
+            return
+        old_a, old_b = self.stack_a, self.stack_b
+        cap = max(capacity, old_a.shape[0] if old_a is not None else 0)
+        r = max(rank, old_a.shape[2] if old_a is not None else 0)
+        new_a = torch.zeros(cap, self.in_features, r, dtype=dtype, device=device)
+        new_b = torch.zeros(cap, r, self.out_features, dtype=dtype, device=device)
+        if old_a is not None:
+            new_a[: old_a.shape[0], :, : old_a.shape[2]] = old_a
+            new_b[: old_b.shape[0], : old_b.shape[1], :] = old_b
+        self.set_stacks(new_a, new_b)
+
+    def write(self, slot: int, weights) -> None:
+        """Put one adapter's A [r, in] and B [out, r] (scale folded into B) into ``slot``."""
+        r = weights.rank
+        self.stack_a[slot].zero_()
+        self.stack_b[slot].zero_()
+        self.stack_a[slot, :, :r] = weights.a.T.to(self.stack_a.dtype)
+        self.stack_b[slot, :r, :] = (weights.b.T * weights.scale).to(self.stack_b.dtype)
+        self._gathered = None
+
+    def clear(self, slot: int) -> None:
+        if self.stack_a is not None and slot < self.stack_a.shape[0]:
+            self.stack_a[slot].zero_()
+            self.stack_b[slot].zero_()
+            self._gathered = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         ctx = self.context
@@ -88,47 +117,62 @@ def inject_multi_lora(model: nn.Module, context: LoraBatchContext, exclude: Sequ
     return wrapped
 
 
-@dataclass
-class SlotTable:
-    """Which adapter holds which slot (slot 0 = base), and the stacks built from them."""
+class LoraSlots:
+    """Which adapter holds which slot (slot 0 = the bare base), written into every layer in place.
 
-    names: list[str] = field(default_factory=list)  # index i -> slot i + 1
+    Loading writes one adapter into a free slot (stacks grow by doubling when full, or when a
+    larger rank arrives); unloading zeroes its slot. Other slots are never touched, so adapters in
+    use by running rows keep their slot numbers across loads and unloads.
+    """
+
+    def __init__(self, layers: Mapping[str, MultiLoraLinear], context: LoraBatchContext, *, dtype: torch.dtype, device) -> None:
+        self.layers = layers
+        self.context = context
+        self.dtype = dtype
+        self.device = device
+        self.slots: dict[str, int] = {}
+        self.free: list[int] = []
+        self.next_slot = 1
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self.slots, key=self.slots.get)
 
     def slot_of(self, name: str | None) -> int:
-        return 0 if name is None else self.names.index(name) + 1
+        return 0 if name is None else self.slots[name]
 
-
-def rebuild_stacks(
-    layers: Mapping[str, MultiLoraLinear],
-    adapters: Sequence[tuple[str, Mapping[str, object]]],
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> SlotTable:
-    """Stack (name, {module: LoraModuleWeights}) into every layer, padded to the largest rank.
-
-    Modules an adapter does not target get zeros in its slot. Ranks are padded with zero rows /
-    columns, which leaves each adapter's output exactly unchanged.
-    """
-    table = SlotTable(names=[name for name, _ in adapters])
-    if not adapters:
-        for layer in layers.values():
-            layer.set_stacks(None, None)
-        return table
-    for module_name, layer in layers.items():
-        per_slot = [weights.get(module_name) for _, weights in adapters]
-        if all(w is None for w in per_slot):
-            layer.set_stacks(None, None)
-            continue
-        rank = max(w.rank for w in per_slot if w is not None)
-        n = len(per_slot) + 1
-        stack_a = torch.zeros(n, layer.in_features, rank, dtype=dtype)
-        stack_b = torch.zeros(n, rank, layer.out_features, dtype=dtype)
-        for slot, w in enumerate(per_slot, start=1):
-            if w is None:
+    def add(self, name: str, modules: Mapping[str, object]) -> int:
+        unknown = sorted(set(modules) - set(self.layers))
+        if unknown:
+            raise KeyError(f"adapter {name!r} targets modules the engine did not wrap: {unknown[:3]}")
+        if name in self.slots:
+            self.remove(name)
+        slot = self.free.pop() if self.free else self.next_slot
+        if slot == self.next_slot:
+            self.next_slot += 1
+        for module_name, weights in modules.items():
+            layer = self.layers[module_name]
+            capacity = layer.stack_a.shape[0] if layer.stack_a is not None else 1
+            while capacity <= slot:
+                capacity *= 2
+            layer.ensure(max(capacity, slot + 1), weights.rank, self.dtype, self.device)
+            layer.write(slot, weights)
+        for module_name, layer in self.layers.items():
+            if module_name in modules or layer.stack_a is None:
                 continue
-            r = w.rank
-            stack_a[slot, :, :r] = w.a.T.to(dtype)  # A: [r, in] -> [in, r]
-            stack_b[slot, :r, :] = (w.b.T * w.scale).to(dtype)  # B: [out, r] -> [r, out], scale folded in
-        layer.set_stacks(stack_a.to(device), stack_b.to(device))
-    return table
+            layer.clear(slot)
+            if layer.stack_a.shape[0] < self.next_slot:  # every slot index in a batch must be addressable
+                capacity = layer.stack_a.shape[0]
+                while capacity < self.next_slot:
+                    capacity *= 2
+                layer.ensure(capacity, layer.stack_a.shape[2], self.dtype, self.device)
+        self.slots[name] = slot
+        self.context.version += 1
+        return slot
+
+    def remove(self, name: str) -> None:
+        slot = self.slots.pop(name)
+        for layer in self.layers.values():
+            layer.clear(slot)
+        self.free.append(slot)
+        self.context.version += 1

@@ -16,14 +16,19 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Awaitable, Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol
 
 from loraplex.server.errors import AdapterInvalid, AdapterNotFound, LoraplexError, Overloaded
 from loraplex.server.registry.validation import BaseShapes, ValidatedAdapter, load_validated_adapter, resolve_adapter_path
 from loraplex.server.store import AdapterStore
 from loraplex.server.store.names import validate_adapter_name
 
-Installer = Callable[[Sequence[tuple[str, Mapping[str, object]]]], Awaitable[None]]
+class Installer(Protocol):
+    """Puts adapters into / takes them out of the engine (on its thread, between steps)."""
+
+    async def add(self, name: str, modules: Mapping[str, object]) -> None: ...
+
+    async def remove(self, name: str) -> None: ...
 
 
 class AdapterState(str, Enum):
@@ -142,14 +147,10 @@ class AdapterRegistry:
                     load_validated_adapter, entry.path, name, self.base, max_lora_rank=self.max_lora_rank
                 )
                 async with self._install_lock:
-                    self._make_room(exclude=name)
+                    await self._make_room(exclude=name)
+                    await self.installer.add(name, validated.modules)
                     entry.adapter = validated
                     entry.state = AdapterState.RESIDENT
-                    try:
-                        await self._install()
-                    except BaseException:
-                        entry.adapter, entry.state = None, AdapterState.AVAILABLE
-                        raise
             except LoraplexError as exc:
                 entry.state, entry.error, entry.adapter = AdapterState.FAILED, str(exc), None
                 self.on_event("failed", entry)
@@ -160,7 +161,7 @@ class AdapterRegistry:
             self.on_event("loaded", entry)
             return entry
 
-    def _make_room(self, exclude: str) -> None:
+    async def _make_room(self, exclude: str) -> None:
         resident = [e for e in self.resident() if e.name != exclude]
         while len(resident) >= self.max_loras:
             idle = [e for e in resident if e.refcount == 0]
@@ -169,14 +170,11 @@ class AdapterRegistry:
                     f"all {len(resident)} resident adapters (--max-loras {self.max_loras}) are serving requests; retry later"
                 )
             victim = min(idle, key=lambda e: e.last_used)
+            await self.installer.remove(victim.name)
             victim.state, victim.adapter = AdapterState.AVAILABLE, None
             resident.remove(victim)
             self.evictions += 1
             self.on_event("evicted", victim)
-
-    async def _install(self) -> None:
-        resident = sorted(self.resident(), key=lambda e: e.name)
-        await self.installer([(e.name, e.adapter.modules) for e in resident])
 
     async def unload(self, name: str) -> AdapterEntry:
         entry = self.get(name)
@@ -190,8 +188,8 @@ class AdapterRegistry:
 
     async def _remove(self, entry: AdapterEntry) -> None:
         async with self._install_lock:
+            await self.installer.remove(entry.name)
             entry.state, entry.adapter, entry.unload_pending = AdapterState.AVAILABLE, None, False
-            await self._install()
         self.on_event("unloaded", entry)
 
     # ---------------------------------------------------------- per request

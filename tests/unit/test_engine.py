@@ -101,3 +101,30 @@ def test_unloading_an_adapter_in_use_is_refused(tiny_base, adapters):
     engine.prefill(request)
     with pytest.raises(RuntimeError, match="still in use"):
         engine.set_adapters([])
+
+
+def test_slots_are_reused_and_grow_without_disturbing_running_rows(tiny_base, adapters, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    shapes = BaseShapes.from_model(model, compute_fingerprint(tiny_base))
+    engine = Engine(model, eos_token_ids=[2], max_batch_size=8)
+    load = lambda name, path: load_validated_adapter(path, name, shapes, max_lora_rank=64).modules  # noqa: E731
+    engine.add_adapter("a", load("a", adapters["a"]))
+    engine.add_adapter("c", load("c", adapters["c"]))  # rank 2, all modules
+    running, running_sink = _request("r", PROMPTS[2], "c")
+    engine.prefill(running)
+    engine.decode()
+    engine.remove_adapter("a")  # frees slot 1 while "c" is mid-request
+    engine.add_adapter("b", load("b", adapters["b"]))  # rank 8 on q/v: reuses slot 1 and grows the rank
+    big = make_random_adapter(tiny_base, tmp_path / "big", seed=9, r=16)
+    for i in range(4):  # more adapters than the initial capacity: stacks double while "c" keeps decoding
+        engine.add_adapter(f"x{i}", load(f"x{i}", big))
+        engine.decode()
+    assert engine.slot_table.slot_of("b") == 1 and engine.slot_table.slot_of("x3") == 6
+    late, late_sink = _request("late", PROMPTS[3], "b")
+    engine.prefill(late)
+    while engine.num_running:
+        engine.decode()
+    assert running_sink.tokens == reference_greedy(tiny_base, adapters["c"], PROMPTS[2], n=N_TOKENS)
+    assert late_sink.tokens == reference_greedy(tiny_base, adapters["b"], PROMPTS[3], n=N_TOKENS)

@@ -1,0 +1,358 @@
+"""``loraplex bench``: a benchmark (never a test) of a server over HTTP.
+
+Either against a running server (``--url``) or a server it starts itself as a subprocess on a
+loopback port (the default; with ``--synthetic-adapters N`` it first writes N random rank-R
+adapters into a temporary store so any machine can run it). Phases, measured in ONE run so that
+ratios compare like with like on a noisy machine:
+
+1. ``mixed``: C concurrent streaming clients, requests spread over the adapters (uniform or
+   skewed); 2. ``base``: the same load on the bare base; 3. ``hotload``: the mixed load again while
+   adapters are loaded one by one through the API (load latency, and the inter-token latency of
+   running requests during loads vs without); 4. ``naive``: after the server is stopped, peft's
+   ``PeftModel`` with the same adapters, one request at a time (``set_adapter`` then ``generate``).
+
+Reports output tok/s, TTFT and inter-token p50/p99 per phase, ratio (a) mixed/base and ratio (b)
+server/naive; writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PhaseResult:
+    name: str
+    requests: int
+    output_tokens: int
+    seconds: float
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @property
+    def tok_per_s(self) -> float:
+        return self.output_tokens / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "output_tokens": self.output_tokens,
+            "seconds": round(self.seconds, 3),
+            "output_tok_per_s": round(self.tok_per_s, 2),
+            "ttft_p50_ms": _pct(self.ttft, 50),
+            "ttft_p99_ms": _pct(self.ttft, 99),
+            "itl_p50_ms": _pct(self.itl, 50),
+            "itl_p99_ms": _pct(self.itl, 99),
+        }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
+    return round(ordered[index] * 1000, 2)
+
+
+def _pick(adapters: list[str], mix: str, rng: random.Random, base: str) -> str:
+    if mix == "base" or not adapters:
+        return base
+    if mix == "skewed":  # Zipf-like: the first adapter gets most traffic
+        weights = [1.0 / (i + 1) ** 1.2 for i in range(len(adapters))]
+        return rng.choices(adapters, weights)[0]
+    return rng.choice(adapters)
+
+
+async def _one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, result: PhaseResult, on_token=None) -> None:
+    import httpx  # noqa: F401  (client is an httpx.AsyncClient)
+
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    start = time.perf_counter()
+    last = None
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                result.errors += 1
+                return
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                payload = json.loads(line[6:])
+                if not payload.get("choices") or payload["choices"][0].get("finish_reason"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    result.ttft.append(now - start)
+                else:
+                    result.itl.append(now - last)
+                    if on_token:
+                        on_token(now, now - last)
+                last = now
+                result.output_tokens += 1
+    except Exception:
+        result.errors += 1
+        return
+    result.requests += 1
+
+
+async def run_load(url: str, name: str, *, adapters: list[str], base: str, mix: str, concurrency: int, requests: int,
+                   prompt_tokens: int, output_tokens: int, seed: int, during=None, on_token=None) -> PhaseResult:
+    import httpx
+
+    rng = random.Random(seed)
+    result = PhaseResult(name, 0, 0, 0.0)
+    plan = [(_pick(adapters, mix, rng, base), [1] + [rng.randrange(100, 30000) for _ in range(prompt_tokens - 1)]) for _ in range(requests)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in plan:
+        queue.put_nowait(item)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def worker():
+            while not queue.empty():
+                model, prompt = queue.get_nowait()
+                await _one_request(client, url, model, prompt, output_tokens, result, on_token)
+
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+        side = asyncio.create_task(during(client)) if during else None
+        await asyncio.gather(*tasks)
+        result.seconds = time.perf_counter() - start
+        if side:
+            await side
+    return result
+
+
+def write_synthetic_adapters(base_path: Path, store: Path, count: int, rank: int, seed: int) -> list[str]:
+    """N random peft LoRA adapters (all linear layers, rank r) with manifests, like trained ones."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.server.basemodel import compute_fingerprint
+    from loraplex.server.store import AdapterManifest, sha256_file, write_manifest
+
+    store.mkdir(parents=True, exist_ok=True)
+    fingerprint = compute_fingerprint(base_path)
+    model = AutoModelForCausalLM.from_pretrained(str(base_path))
+    names = []
+    peft_model = None
+    for i in range(count):
+        torch.manual_seed(seed + i)
+        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", init_lora_weights=False)
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for pname, param in peft_model.named_parameters():
+                if "lora_B" in pname:
+                    param.normal_(0, 0.02)
+        name = f"bench-{i:02d}"
+        peft_model.save_pretrained(str(store / name))
+        targets = tuple(sorted(peft_model.peft_config["default"].target_modules))
+        write_manifest(store / name, AdapterManifest(name=name, task="synthetic", base_model_id=base_path.name, base_fingerprint=fingerprint, rank=rank, alpha=2 * rank, target_modules=targets, weights_sha256=sha256_file(store / name / "adapter_model.safetensors")))
+        model = peft_model.unload()
+        names.append(name)
+    return names
+
+
+def naive_baseline(base_path: Path, store: Path, adapters: list[str], *, requests: int, prompt_tokens: int, output_tokens: int, seed: int) -> PhaseResult:
+    """peft PeftModel, one request at a time: set_adapter then generate (the common naive server)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_path)).eval()
+    model = PeftModel.from_pretrained(model, str(store / adapters[0]), adapter_name=adapters[0])
+    for name in adapters[1:]:
+        model.load_adapter(str(store / name), adapter_name=name)
+    rng = random.Random(seed)
+    result = PhaseResult("naive", 0, 0, 0.0)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for _ in range(requests):
+            name = rng.choice(adapters)
+            prompt = torch.tensor([[1] + [rng.randrange(100, 30000) for _ in range(prompt_tokens - 1)]])
+            model.set_adapter(name)
+            t0 = time.perf_counter()
+            out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=output_tokens, min_new_tokens=output_tokens, do_sample=False, pad_token_id=0)
+            produced = out.shape[1] - prompt.shape[1]
+            elapsed = time.perf_counter() - t0
+            result.ttft.append(elapsed / max(1, produced))  # generate() does not stream: per-token average
+            result.output_tokens += produced
+            result.requests += 1
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    phases = report["phases"]
+    names = list(phases)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    axes[0].bar(names, [phases[n]["output_tok_per_s"] for n in names], color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
+    axes[0].set_title("output tokens / s")
+    itl = [n for n in names if phases[n].get("itl_p50_ms") is not None]
+    axes[1].bar([f"{n} p50" for n in itl] + [f"{n} p99" for n in itl], [phases[n]["itl_p50_ms"] for n in itl] + [phases[n]["itl_p99_ms"] for n in itl])
+    axes[1].set_title("inter-token latency (ms)")
+    axes[1].tick_params(axis="x", rotation=45)
+    fig.suptitle(f"loraplex bench: ratio (a) {report['ratios']['mixed_over_base']}, ratio (b) {report['ratios'].get('server_over_naive')}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="loraplex bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="benchmark this running server (skips the naive baseline unless --base is given)")
+    parser.add_argument("--base", default="embedded", help="base model for the server it starts and for the naive baseline")
+    parser.add_argument("--adapters-dir", help="use the adapters in this store (default: --synthetic-adapters into a temp store)")
+    parser.add_argument("--synthetic-adapters", type=int, default=8, help="write N random adapters into a temp store (default 8)")
+    parser.add_argument("--rank", type=int, default=8, help="rank of synthetic adapters (default 8)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=48, help="requests per phase")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--mix", choices=["uniform", "skewed"], default="uniform", help="adapter traffic mix of the mixed phase")
+    parser.add_argument("--naive-requests", type=int, default=8, help="requests for the one-at-a-time peft baseline")
+    parser.add_argument("--hotload", type=int, default=4, help="adapters to hot-load during the hotload phase")
+    parser.add_argument("--server-args", default="", help="extra flags for the server it starts, e.g. '--quantize int8'")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="bench-results", help="folder for results.json and results.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    from loraplex.server.basemodel import resolve_base
+    from loraplex.server.store import AdapterStore
+
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    ref = resolve_base(args.base)
+    if args.adapters_dir:
+        store = Path(args.adapters_dir)
+        adapters = AdapterStore(store).names()
+    else:
+        store = work / "adapters"
+        adapters = write_synthetic_adapters(ref.path, store, args.synthetic_adapters + args.hotload, args.rank, args.seed)
+    return _run_phases(args, ref, store, adapters, work, out_dir)
+
+
+def _start_server(args, ref, store: Path, work: Path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(ref.path), "--adapters-dir", str(store), "--port", str(port),
+           "--log-level", "warning", "--max-batch-size", str(max(args.concurrency, 1)), "--served-model-name", "base", *args.server_args.split()]
+    log = open(work / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {(work / 'server.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir: Path) -> int:
+    import httpx
+
+    hot = adapters[len(adapters) - args.hotload :] if args.hotload and not args.adapters_dir else []
+    serving = [a for a in adapters if a not in hot]
+    proc = None
+    url = args.url
+    base_name = "base"
+    if url is None:
+        proc, url = _start_server(args, ref, store, work)
+    else:
+        base_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    common = dict(base=base_name, concurrency=args.concurrency, requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
+    phases: dict[str, PhaseResult] = {}
+    hotload_ms: list[float] = []
+    try:
+        for name in serving:  # load before measuring: the mixed phase measures serving, not first loads
+            httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name}, timeout=600).raise_for_status()
+        asyncio.run(run_load(url, "warmup", adapters=serving, mix="uniform", **{**common, "requests": min(8, args.requests)}))
+        phases["mixed"] = asyncio.run(run_load(url, "mixed", adapters=serving, mix=args.mix, **common))
+        phases["base"] = asyncio.run(run_load(url, "base", adapters=[], mix="base", **common))
+        if hot:
+            load_windows: list[tuple[float, float]] = []
+            token_gaps: list[tuple[float, float]] = []
+
+            async def hot_loads(client):
+                await asyncio.sleep(1.0)
+                for name in hot:
+                    t0 = time.perf_counter()
+                    reply = await client.post(url + "/v1/load_lora_adapter", json={"lora_name": name})
+                    t1 = time.perf_counter()
+                    reply.raise_for_status()
+                    hotload_ms.append((t1 - t0) * 1000)
+                    load_windows.append((t0, t1))
+                    await asyncio.sleep(0.5)
+
+            phases["hotload"] = asyncio.run(run_load(url, "hotload", adapters=serving, mix=args.mix, during=hot_loads, on_token=lambda at, gap: token_gaps.append((at, gap)), **common))
+            during = [gap for at, gap in token_gaps if any(a <= at <= b + gap for a, b in load_windows)]
+            outside = [gap for at, gap in token_gaps if not any(a <= at <= b + gap for a, b in load_windows)]
+        metrics_text = httpx.get(url + "/metrics").text
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(30)
+    if args.naive_requests and (proc is not None or args.base):
+        phases["naive"] = naive_baseline(ref.path, store, serving, requests=args.naive_requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
+    report = {
+        "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
+        "base": {"id": ref.id, "fingerprint": ref.fingerprint},
+        "adapters": {"serving": len(serving), "hotloaded": len(hot), "rank": args.rank if not args.adapters_dir else None},
+        "phases": {name: p.summary() for name, p in phases.items()},
+        "ratios": {
+            "mixed_over_base": round(phases["mixed"].tok_per_s / phases["base"].tok_per_s, 3) if phases["base"].tok_per_s else None,
+            "server_over_naive": round(phases["mixed"].tok_per_s / phases["naive"].tok_per_s, 2) if "naive" in phases and phases["naive"].tok_per_s else None,
+        },
+    }
+    if hot:
+        report["hotload"] = {
+            "load_ms": [round(v, 1) for v in hotload_ms],
+            "load_p50_ms": round(statistics.median(hotload_ms), 1),
+            "itl_p99_ms_during_loads": _pct(during, 99),
+            "itl_p99_ms_without_loads": _pct(outside, 99),
+            "tokens_during_loads": len(during),
+        }
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    _plot(report, out_dir / "results.png")
+    print(json.dumps({"phases": report["phases"], "ratios": report["ratios"], "hotload": report.get("hotload")}, indent=2))
+    print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.png'}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
