@@ -6,8 +6,10 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP_TORCH := $(VENV)/.stamp-torch
 STAMP_DEPS  := $(VENV)/.stamp-deps
 STAMP_BASE  := $(VENV)/.stamp-base-model
+STAMP_TOOLS := $(VENV)/.stamp-tools
+SERVE_ARGS ?=
 
-.PHONY: venv test test-fast serve demo-data demo-adapters clean help
+.PHONY: venv test test-fast serve bench demo-data demo-adapters clean help
 
 help:
 	@echo "make serve          start the server on the embedded base with every adapter in adapters/"
@@ -15,6 +17,7 @@ help:
 	@echo "make test-fast      the suite without tests marked slow"
 	@echo "make demo-data      regenerate the three demo datasets (deterministic)"
 	@echo "make demo-adapters  retrain the three demo adapters on the real base into adapters/"
+	@echo "make bench          run loraplex bench (8 synthetic rank-8 adapters, concurrency 16) into docs/bench/"
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +38,19 @@ $(STAMP_BASE): $(STAMP_DEPS)
 
 venv: $(STAMP_BASE)
 
-test: venv
+# promtool (Debian's prometheus package) lints /metrics in the tests; installed where apt-get runs as root.
+$(STAMP_TOOLS): $(VENV)/bin/activate
+	@if ! command -v promtool >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing promtool (apt-get install prometheus)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } || \
+			echo "warning: could not install promtool; its test will be skipped"; \
+		else echo "warning: promtool not found and apt-get is not usable; its test will be skipped"; fi; \
+	fi
+	touch $@
+
+test: venv $(STAMP_TOOLS)
 	$(PY) -m pytest -q
 
 test-fast: venv
@@ -47,14 +62,12 @@ demo-data: venv
 demo-adapters: venv
 	$(VENV)/bin/train-adapter --config training/demo_tasks.yaml --overwrite
 
+# HTTP on 127.0.0.1:8000, the embedded base, every adapter in adapters/. Extra flags: make serve SERVE_ARGS="--port 9000"
 serve: venv
-	@if $(VENV)/bin/loraplex --help 2>/dev/null | grep -q ' serve '; then \
-		$(VENV)/bin/loraplex serve; \
-	else \
-		echo "loraplex serve is not implemented yet (issue: serving core); available now:"; \
-		$(VENV)/bin/loraplex --help; \
-		$(VENV)/bin/loraplex adapters list; \
-	fi
+	$(VENV)/bin/loraplex serve $(SERVE_ARGS)
+
+bench: venv
+	$(VENV)/bin/loraplex bench --output docs/bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -106,7 +106,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from loraplex.server.runtime import build_runtime
+    from loraplex.server.runtime import create_server_app
     from loraplex.server.settings import ServerSettings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -118,8 +118,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         print(f"loraplex serve: error: --{field.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runtime = build_runtime(settings)
-    uvicorn.run(runtime.app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    failures: list[BaseException] = []
+    server: uvicorn.Server | None = None
+
+    def on_fatal(exc: BaseException) -> None:
+        failures.append(exc)
+        if server is not None:
+            server.should_exit = True
+
+    app = create_server_app(settings, on_fatal=on_fatal)
+    print(f"loraplex: listening on http://{settings.host}:{settings.port} (loading base {settings.base!r}; /ready turns 200 when done)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    server.run()
+    if failures:
+        print(f"loraplex serve: error: {failures[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

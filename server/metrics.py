@@ -15,8 +15,14 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
 _TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
+#: the only findings `promtool check metrics` reports: colons are reserved for recording rules,
+#: but these four names are what the Gateway API Inference Extension reads verbatim from vLLM.
+VLLM_COMPAT_NAMES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:lora_requests_info")
+
+
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, vllm_compat: bool = True) -> None:
+        self.vllm_compat = vllm_compat
         r = self.registry = CollectorRegistry()
         self.requests = Counter("loraplex_requests", "Finished requests by adapter and status.", ["adapter", "status"], registry=r)
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed.", ["adapter"], registry=r)
@@ -33,14 +39,15 @@ class ServerMetrics:
         self.evictions = Counter("loraplex_adapter_evictions", "Adapters evicted by LRU.", registry=r)
         self.load_failures = Counter("loraplex_adapter_load_failures", "Adapter loads refused.", ["adapter"], registry=r)
         # names the Gateway API Inference Extension (endpoint picker) scrapes from vLLM
-        self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM-compatible).", registry=r)
-        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible).", registry=r)
-        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM-compatible).", registry=r)
+        vllm_registry = r if vllm_compat else CollectorRegistry()
+        self.vllm_running = Gauge("vllm:num_requests_running", "Requests running (vLLM-compatible).", registry=vllm_registry)
+        self.vllm_waiting = Gauge("vllm:num_requests_waiting", "Requests waiting (vLLM-compatible).", registry=vllm_registry)
+        self.vllm_kv = Gauge("vllm:kv_cache_usage_perc", "KV cache usage, 0-1 (vLLM-compatible).", registry=vllm_registry)
         self.vllm_lora = Gauge(
             "vllm:lora_requests_info",
             "Running and waiting LoRA adapters (vLLM-compatible); value = last update time.",
             ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
-            registry=r,
+            registry=vllm_registry,
         )
 
     def bind(self, running: Callable[[], int], waiting: Callable[[], int], kv_usage: Callable[[], float], resident: Callable[[], int]) -> None:

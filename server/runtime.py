@@ -79,7 +79,7 @@ def build_runtime(settings: ServerSettings) -> Runtime:
         device=device,
     )
     scheduler = Scheduler(engine, max_queue=settings.max_queue)
-    metrics = ServerMetrics()
+    metrics = ServerMetrics(vllm_compat=settings.vllm_metrics)
 
     class EngineInstaller:
         async def add(self, name, modules):
@@ -122,9 +122,7 @@ def build_runtime(settings: ServerSettings) -> Runtime:
         resident=service.resident_count,
     )
     scheduler.on_step = lambda: engine.num_running and metrics.batch_size.observe(engine.num_running)
-    runtime = Runtime(settings, ref, quantize, device, tokenizer, engine, scheduler, registry, service, metrics)
-    runtime.app = create_app(service, metrics, lifespan=_lifespan(runtime))
-    return runtime
+    return Runtime(settings, ref, quantize, device, tokenizer, engine, scheduler, registry, service, metrics)
 
 
 async def _warm_up(runtime: Runtime) -> None:
@@ -158,25 +156,58 @@ async def _watch(runtime: Runtime) -> None:
             log.exception("watch: store poll failed")
 
 
-def _lifespan(runtime: Runtime):
+async def start_runtime(runtime: Runtime) -> None:
+    """Engine thread, store scan, preloads (a refused one is logged, never fatal), warm-up, ready."""
+    runtime.scheduler.start()
+    runtime.registry.scan()
+    for name in runtime.settings.preload:
+        try:
+            await runtime.service.load_adapter(name)
+        except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the server
+            log.error("preload of adapter %s failed: %s", name, exc)
+    await _warm_up(runtime)
+    runtime.service._update_lora_info()
+    runtime.service.ready = True
+    print(runtime.banner(), flush=True)
+    if runtime.settings.watch:
+        runtime.background.append(asyncio.create_task(_watch(runtime)))
+
+
+def stop_runtime(runtime: Runtime) -> None:
+    runtime.service.ready = False
+    for task in runtime.background:
+        task.cancel()
+    runtime.scheduler.stop()
+
+
+def create_server_app(settings: ServerSettings, on_fatal=None):
+    """The HTTP app. It listens at once (/health answers, /ready is 503) while the base loads in
+    a worker thread; a load failure is logged and ``on_fatal`` stops the process."""
+    holder: dict[str, Runtime] = {}
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        runtime.scheduler.start()
-        runtime.registry.scan()
-        for name in runtime.settings.preload:
-            await runtime.service.load_adapter(name)
-        await _warm_up(runtime)
-        runtime.service._update_lora_info()
-        runtime.service.ready = True
-        print(runtime.banner(), flush=True)
-        if runtime.settings.watch:
-            runtime.background.append(asyncio.create_task(_watch(runtime)))
+        async def boot():
+            try:
+                runtime = await asyncio.to_thread(build_runtime, settings)
+                holder["runtime"] = runtime
+                app.state.metrics = runtime.metrics
+                app.state.service = runtime.service
+                await start_runtime(runtime)
+            except Exception as exc:
+                log.error("start-up failed: %s", exc)
+                app.state.fatal = str(exc)
+                if on_fatal is not None:
+                    on_fatal(exc)
+
+        task = asyncio.create_task(boot())
         try:
             yield
         finally:
-            runtime.service.ready = False
-            for task in runtime.background:
-                task.cancel()
-            runtime.scheduler.stop()
+            task.cancel()
+            if "runtime" in holder:
+                stop_runtime(holder["runtime"])
 
-    return lifespan
+    app = create_app(None, None, lifespan=lifespan)
+    app.state.holder = holder
+    return app

@@ -34,6 +34,7 @@ class ServerSettings(BaseSettings):
     watch: bool = Field(False, description="poll the store and pick up adapters published while running")
     watch_interval: float = Field(2.0, gt=0, description="seconds between store polls with --watch")
     allow_external_adapter_paths: bool = Field(False, description="let load_lora_adapter take paths outside the store")
+    vllm_metrics: bool = Field(True, description="also export vllm:* metric names (Gateway API Inference Extension routing)")
     log_level: str = Field("info", description="uvicorn log level")
 
     @field_validator("preload", mode="before")

@@ -9,6 +9,8 @@ import uuid
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
+
+from loraplex.server.api.http.deps import service_of
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.server.api.errors import http_error
@@ -20,7 +22,7 @@ router = APIRouter()
 
 
 def _service(request: Request) -> GenerationService:
-    return request.app.state.service
+    return service_of(request)
 
 
 def _common(body, request_id: str) -> dict:

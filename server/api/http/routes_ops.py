@@ -24,4 +24,5 @@ async def ready(request: Request):
 
 @router.get("/metrics")
 async def metrics(request: Request):
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    registry = getattr(request.app.state, "metrics", None)
+    return Response(registry.render() if registry is not None else b"", media_type=CONTENT_TYPE_LATEST)
