@@ -7,9 +7,10 @@ STAMP_TORCH := $(VENV)/.stamp-torch
 STAMP_DEPS  := $(VENV)/.stamp-deps
 STAMP_BASE  := $(VENV)/.stamp-base-model
 STAMP_TOOLS := $(VENV)/.stamp-tools
+STAMP_BUF   := .tools/.stamp-buf
 SERVE_ARGS ?=
 
-.PHONY: venv test test-fast serve bench demo-data demo-adapters clean help
+.PHONY: venv test test-fast serve bench proto demo-data demo-adapters clean help
 
 help:
 	@echo "make serve          start the server on the embedded base with every adapter in adapters/"
@@ -17,6 +18,7 @@ help:
 	@echo "make test-fast      the suite without tests marked slow"
 	@echo "make demo-data      regenerate the three demo datasets (deterministic)"
 	@echo "make demo-adapters  retrain the three demo adapters on the real base into adapters/"
+	@echo "make proto          regenerate the gRPC stubs from proto/loraplex/v1/inference.proto"
 	@echo "make bench          run loraplex bench (8 synthetic rank-8 adapters, concurrency 16) into docs/bench/"
 
 $(VENV)/bin/activate:
@@ -50,8 +52,20 @@ $(STAMP_TOOLS): $(VENV)/bin/activate
 	fi
 	touch $@
 
-test: venv $(STAMP_TOOLS)
+# buf (proto lint) ships as a binary inside the npm package @bufbuild/buf; installed into .tools/.
+$(STAMP_BUF):
+	@mkdir -p .tools
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 >/dev/null 2>&1 || echo "warning: npm install @bufbuild/buf failed; the buf lint test will be skipped"; \
+	else echo "warning: npm not found; the buf lint test will be skipped"; fi
+	touch $@
+
+test: venv $(STAMP_TOOLS) $(STAMP_BUF)
 	$(PY) -m pytest -q
+
+# Regenerate the gRPC stubs committed in proto/loraplex/v1/ (a test fails when they are stale).
+proto: venv
+	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/loraplex/v1/inference.proto
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
@@ -70,4 +84,4 @@ bench: venv
 	$(VENV)/bin/loraplex bench --output docs/bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .tools build *.egg-info

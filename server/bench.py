@@ -267,7 +267,7 @@ def _start_server(args, ref, store: Path, work: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(ref.path), "--adapters-dir", str(store), "--port", str(port),
+    cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(ref.path), "--adapters-dir", str(store), "--port", str(port), "--grpc-port", "0",
            "--log-level", "warning", "--max-batch-size", str(max(args.concurrency, 1)), "--served-model-name", "base", *args.server_args.split()]
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())

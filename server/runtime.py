@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +45,9 @@ class Runtime:
 
     def banner(self) -> str:
         names = sorted(self.registry.entries)
+        grpc = f", gRPC on {self.settings.host}:{self.settings.grpc_port}" if self.settings.grpc_port else ", gRPC off"
         return (
-            f"loraplex: HTTP on http://{self.settings.host}:{self.settings.port}\n"
+            f"loraplex: ready. HTTP on http://{self.settings.host}:{self.settings.port}{grpc}\n"
             f"  base: {self.ref.id} (fingerprint {self.ref.fingerprint}, {self.ref.path})\n"
             f"  quantization: {self.quantize} on {self.device}; max batch {self.settings.max_batch_size}, "
             f"max model len {self.settings.max_model_len}, max loras {self.settings.max_loras}\n"
@@ -187,13 +189,25 @@ def create_server_app(settings: ServerSettings, on_fatal=None):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        grpc_front = None
+        if settings.grpc_port:
+            from loraplex.server.api.grpc.server import GrpcFront
+
+            grpc_front = GrpcFront(lambda: getattr(app.state, "service", None), settings.host, settings.grpc_port)
+            await grpc_front.start()  # NOT_SERVING until the base is loaded and warm
+            app.state.grpc = grpc_front
+
         async def boot():
             try:
+                # Test hook: hold the "loading" phase open so probes can observe it (never set in production).
+                await asyncio.sleep(float(os.environ.get("LORAPLEX_TEST_STARTUP_DELAY", "0")))
                 runtime = await asyncio.to_thread(build_runtime, settings)
                 holder["runtime"] = runtime
                 app.state.metrics = runtime.metrics
                 app.state.service = runtime.service
                 await start_runtime(runtime)
+                if grpc_front is not None:
+                    await grpc_front.set_serving(True)
             except Exception as exc:
                 log.error("start-up failed: %s", exc)
                 app.state.fatal = str(exc)
@@ -205,6 +219,10 @@ def create_server_app(settings: ServerSettings, on_fatal=None):
             yield
         finally:
             task.cancel()
+            if "runtime" in holder:
+                holder["runtime"].service.ready = False
+            if grpc_front is not None:
+                await grpc_front.stop()
             if "runtime" in holder:
                 stop_runtime(holder["runtime"])
 

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator, Sequence
 
 from loraplex.server.engine.engine import FINISH_CANCELLED, FINISH_ERROR, EngineRequest
 from loraplex.server.engine.sampling import SamplingParams
-from loraplex.server.errors import NotReady, RequestInvalid
+from loraplex.server.errors import NotReady, Overloaded, RequestInvalid
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.registry import AdapterRegistry, AdapterState
 from loraplex.server.scheduler import Scheduler
@@ -199,7 +199,11 @@ class GenerationService:
         completion, finish = 0, None
         self._count(self.waiting_adapters, label, +1)
         try:
-            self.scheduler.submit(engine_request)
+            try:
+                self.scheduler.submit(engine_request)
+            except Overloaded:
+                finish = "rejected"
+                raise
             self.metrics.prompt_tokens.labels(label).inc(len(prompt_ids))
             while finish is None:
                 token, finish, at = await queue.get()

@@ -17,6 +17,7 @@ class ServerSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 disables gRPC)")
     base: str = Field("embedded", description="base model: 'embedded', a model folder or a hub id")
     served_model_name: str | None = Field(None, description="name clients use for the bare base (default: the base id)")
     adapters_dir: str = Field("adapters", description="the adapter store")

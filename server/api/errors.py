@@ -1,5 +1,5 @@
-"""THE one place mapping loraplex errors to HTTP status + OpenAI error JSON (and, when the gRPC
-front lands, to gRPC status codes). Every front goes through this table."""
+"""THE one place mapping loraplex errors to HTTP status + OpenAI error JSON and to gRPC status
+codes. Every front goes through these tables; user mistakes never map to 500 / UNKNOWN / INTERNAL."""
 
 from __future__ import annotations
 
@@ -43,3 +43,26 @@ def http_error(exc: LoraplexError) -> tuple[int, dict, dict[str, str]]:
     status, err_type = http_status(exc)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else {}
     return status, openai_error_body(exc.message, err_type, status, param=exc.param, code=exc.code), headers
+
+
+#: error class -> gRPC status code name (grpc.StatusCode member)
+GRPC_STATUS: dict[type[LoraplexError], str] = {
+    RequestInvalid: "INVALID_ARGUMENT",
+    AdapterInvalid: "FAILED_PRECONDITION",
+    AdapterExists: "ALREADY_EXISTS",
+    AdapterNotFound: "NOT_FOUND",
+    Overloaded: "RESOURCE_EXHAUSTED",
+    NotReady: "UNAVAILABLE",
+    BaseModelError: "INTERNAL",
+}
+
+
+def grpc_status(exc: LoraplexError):
+    """(grpc.StatusCode, message) for a loraplex error."""
+    import grpc
+
+    for cls in type(exc).__mro__:
+        if cls in GRPC_STATUS:
+            message = exc.message if exc.param is None else f"{exc.message} (field: {exc.param})"
+            return getattr(grpc.StatusCode, GRPC_STATUS[cls]), message
+    return grpc.StatusCode.INTERNAL, exc.message

@@ -89,6 +89,7 @@ class Engine:
         self._slot_key = None
 
     def remove_adapter(self, name: str) -> None:
+        self._drop_cancelled()  # rows already finished by the service (stop string, disconnect) go first
         self._refuse_if_busy(name)
         self.slot_table.remove(name)
         self._slot_key = None

@@ -23,9 +23,11 @@ def free_port() -> int:
 class ServerProcess:
     def __init__(self, base: Path, adapters_dir: Path, *extra: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
         self.port = free_port()
+        self.grpc_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_address = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path or adapters_dir.parent / f"server-{self.port}.log"
-        self.args = [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(base), "--adapters-dir", str(adapters_dir), "--port", str(self.port), "--log-level", "warning", "--served-model-name", "tiny", *extra]
+        self.args = [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(base), "--adapters-dir", str(adapters_dir), "--port", str(self.port), "--grpc-port", str(self.grpc_port), "--log-level", "warning", "--served-model-name", "tiny", *extra]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
 

@@ -66,7 +66,7 @@ def test_promtool_on_metrics(tiny_base, tmp_path):
 
 def test_unusable_base_exits_2_with_one_clear_line(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(tmp_path / "missing"), "--port", str(free_port())],
+        [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(tmp_path / "missing"), "--port", str(free_port()), "--grpc-port", str(free_port())],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

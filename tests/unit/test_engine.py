@@ -128,3 +128,14 @@ def test_slots_are_reused_and_grow_without_disturbing_running_rows(tiny_base, ad
         engine.decode()
     assert running_sink.tokens == reference_greedy(tiny_base, adapters["c"], PROMPTS[2], n=N_TOKENS)
     assert late_sink.tokens == reference_greedy(tiny_base, adapters["b"], PROMPTS[3], n=N_TOKENS)
+
+
+def test_removing_an_adapter_whose_rows_were_cancelled_succeeds(tiny_base, adapters):
+    """The service cancels a row on a stop string or a disconnect and may unload at once; the
+    cancelled row must not block the unload."""
+    engine = _engine(tiny_base, adapters)
+    request, sink = _request("x", PROMPTS[0], "a")
+    engine.prefill(request)
+    request.cancelled = True
+    engine.remove_adapter("a")
+    assert sink.finish == "cancelled" and engine.num_running == 0 and "a" not in engine.slot_table.slots

@@ -1,0 +1,84 @@
+"""A small Python client for the loraplex gRPC API (``loraplex.v1.Inference`` + health).
+
+    from loraplex.server.grpc_client import LoraplexGrpcClient
+    with LoraplexGrpcClient("127.0.0.1:50051") as client:
+        print(client.generate("sentiment", "Classify ...", max_tokens=8, temperature=0).text)
+        for message in client.generate_stream("", "Once upon a time", max_tokens=16):
+            print(message.text, end="")
+
+``adapter=""`` is the bare base. Sampling keywords: max_tokens, temperature, top_p, top_k, seed,
+stop, stop_token_ids, ignore_eos. Errors raise ``grpc.RpcError`` with the server's status code.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loraplex.server.api.grpc.server import MAX_RECEIVE_BYTES, MAX_SEND_BYTES
+from loraplex.v1 import inference_pb2 as pb
+from loraplex.v1 import inference_pb2_grpc as pb_grpc
+
+
+def sampling(**kwargs) -> pb.SamplingParams:
+    stop = kwargs.pop("stop", None) or []
+    stop_token_ids = kwargs.pop("stop_token_ids", None) or []
+    params = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop), stop_token_ids=list(stop_token_ids))
+    for key, value in kwargs.items():
+        if value is not None:
+            setattr(params, key, value)
+    return params
+
+
+class LoraplexGrpcClient:
+    def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0) -> None:
+        self.channel = grpc.insecure_channel(
+            address,
+            options=[("grpc.max_receive_message_length", MAX_SEND_BYTES), ("grpc.max_send_message_length", MAX_RECEIVE_BYTES)],
+        )
+        self.stub = pb_grpc.InferenceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> "LoraplexGrpcClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _request(self, adapter: str, prompt: str | Sequence[int], request_id: str, kwargs) -> pb.GenerateRequest:
+        request = pb.GenerateRequest(adapter=adapter, request_id=request_id, sampling=sampling(**kwargs))
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.prompt_token_ids.extend(prompt)
+        return request
+
+    def generate(self, adapter: str, prompt: str | Sequence[int], *, request_id: str = "", **kwargs) -> pb.GenerateResponse:
+        return self.stub.Generate(self._request(adapter, prompt, request_id, kwargs), timeout=self.timeout)
+
+    def generate_stream(self, adapter: str, prompt: str | Sequence[int], *, request_id: str = "", **kwargs) -> Iterator[pb.GenerateStreamResponse]:
+        return self.stub.GenerateStream(self._request(adapter, prompt, request_id, kwargs), timeout=self.timeout)
+
+    def chat(self, adapter: str, messages: Sequence[dict], *, request_id: str = "", **kwargs) -> pb.GenerateResponse:
+        request = pb.ChatRequest(adapter=adapter, request_id=request_id, sampling=sampling(**kwargs),
+                                 messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+        return self.stub.Chat(request, timeout=self.timeout)
+
+    def list_adapters(self) -> list[pb.Adapter]:
+        return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout).adapters)
+
+    def load_adapter(self, name: str, path: str = "") -> pb.Adapter:
+        return self.stub.LoadAdapter(pb.LoadAdapterRequest(name=name, path=path), timeout=self.timeout)
+
+    def unload_adapter(self, name: str) -> pb.UnloadAdapterResponse:
+        return self.stub.UnloadAdapter(pb.UnloadAdapterRequest(name=name), timeout=self.timeout)
+
+    def health(self, service: str = "loraplex.v1.Inference") -> str:
+        reply = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
