@@ -35,6 +35,9 @@ def server(tiny_base, adapters, tmp_path_factory):
     store.mkdir()
     for name, path in adapters.items():
         shutil.copytree(path, store / name)
+    # the names the README's grpcurl examples use
+    shutil.copytree(adapters["ga"], store / "datefmt")
+    shutil.copytree(adapters["gb"], store / "sentiment")
     dora = store / "gdora"
     shutil.copytree(adapters["ga"], dora)
     config = json.loads((dora / "adapter_config.json").read_text())
@@ -257,3 +260,37 @@ def test_health_not_serving_while_loading_then_serving(tiny_base, tmp_path):
         log.close()
     assert seen == ["NOT_SERVING", "SERVING"], seen
     assert unavailable == grpc.StatusCode.UNAVAILABLE
+
+
+def test_readme_grpcurl_examples_work_as_typed(server):
+    """Each `grpcurl -plaintext -d '<json>' 127.0.0.1:50051 Service/Method` in the README, run the
+    way grpcurl runs it: schema from server reflection, JSON parsed into the request type."""
+    import re
+    from pathlib import Path
+
+    from google.protobuf import descriptor_pool, json_format, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    calls = re.findall(r"grpcurl -plaintext -d '(\{.*?\})' (?:\\\n\s*)?127\.0\.0\.1:50051 ([\w.]+)/(\w+)", readme)
+    assert len(calls) >= 3, calls
+    assert "grpcurl -plaintext 127.0.0.1:50051 list" in readme
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert "loraplex.v1.Inference" in database.get_services()
+        pool = descriptor_pool.DescriptorPool(database)
+        for body, service_name, method_name in calls:
+            method = pool.FindServiceByName(service_name).FindMethodByName(method_name)
+            request_cls = message_factory.GetMessageClass(method.input_type)
+            response_cls = message_factory.GetMessageClass(method.output_type)
+            request = json_format.Parse(body, request_cls())
+            path = f"/{service_name}/{method_name}"
+            kind = channel.unary_stream if method.server_streaming else channel.unary_unary
+            call = kind(path, request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString)
+            replies = list(call(request, timeout=60)) if method.server_streaming else [call(request, timeout=60)]
+            assert replies, path
+            as_json = [json_format.MessageToDict(r) for r in replies]
+            if method_name.startswith(("Generate", "Chat")):
+                assert as_json[-1]["finishReason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH"), as_json[-1]
+            if method_name == "Check":
+                assert as_json[0]["status"] == "SERVING"
