@@ -42,7 +42,7 @@ def server(tiny_base, adapters, tmp_path_factory):
     shutil.copytree(adapters["ga"], dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with ServerProcess(tiny_base, store, "--max-model-len", "256") as srv:
+    with ServerProcess(tiny_base, store) as srv:
         yield srv
 
 
@@ -134,7 +134,7 @@ def test_cancellation_and_deadline_free_the_slot(server):
                     call.cancel()
                     break
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Generate(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[1], sampling=_sampling(max_tokens=240)), timeout=0.3)
+                await stub.Generate(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[1], sampling=_sampling(max_tokens=2000)), timeout=0.5)
             return info.value.code()
 
     assert asyncio.run(run()) == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -150,7 +150,7 @@ def test_cancellation_and_deadline_free_the_slot(server):
     [
         (pb.GenerateRequest(adapter="nope", prompt="x"), grpc.StatusCode.NOT_FOUND, "does not exist"),
         (pb.GenerateRequest(adapter="ga", prompt="x", sampling=pb.SamplingParams(temperature=5)), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in [0, 2], got 5.0 (field: temperature)"),
-        (pb.GenerateRequest(adapter="ga", prompt="x", sampling=pb.SamplingParams(max_tokens=300)), grpc.StatusCode.INVALID_ARGUMENT, "> --max-model-len 256 (field: max_tokens)"),
+        (pb.GenerateRequest(adapter="ga", prompt="x", sampling=pb.SamplingParams(max_tokens=3000)), grpc.StatusCode.INVALID_ARGUMENT, "> --max-model-len 2048 (field: max_tokens)"),
         (pb.GenerateRequest(adapter="ga", prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
         (pb.GenerateRequest(adapter="ga", prompt="x", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
         (pb.GenerateRequest(adapter="gdora", prompt="x"), grpc.StatusCode.FAILED_PRECONDITION, "use_dora=true"),
@@ -209,14 +209,11 @@ def test_queue_full_is_resource_exhausted(tiny_base, adapters, tmp_path):
         async def run():
             async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
                 stub = pb_grpc.InferenceStub(channel)
-                async def long_request():
-                    return await stub.Generate(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=150)))
-
-                first = asyncio.create_task(long_request())
-                await asyncio.sleep(0.5)
+                long_call = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=2000)))
+                await long_call.read()  # first token: the only batch row is now taken
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await stub.Generate(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[1], sampling=_sampling()))
-                await first
+                long_call.cancel()
                 return info.value
 
         error = asyncio.run(run())
@@ -232,7 +229,7 @@ def test_health_not_serving_while_loading_then_serving(tiny_base, tmp_path):
 
     log = open(srv.log_path, "w")
     srv.proc = subprocess.Popen(srv.args, stdout=log, stderr=subprocess.STDOUT, env=srv.env)
-    seen, unavailable = [], None
+    seen, unavailable, http_while_loading = [], None, None
     try:
         with grpc.insecure_channel(srv.grpc_address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -252,6 +249,12 @@ def test_health_not_serving_while_loading_then_serving(tiny_base, tmp_path):
                         stub.Generate(pb.GenerateRequest(adapter="", prompt="x"), timeout=5)
                     except grpc.RpcError as exc:
                         unavailable = exc.code()
+                    # the HTTP front agrees while loading: alive, not ready, requests refused with 503
+                    http_while_loading = (
+                        httpx.get(srv.url + "/health").status_code,
+                        httpx.get(srv.url + "/ready").status_code,
+                        httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code,
+                    )
                 if name == "SERVING":
                     break
                 time.sleep(0.05)
@@ -260,6 +263,7 @@ def test_health_not_serving_while_loading_then_serving(tiny_base, tmp_path):
         log.close()
     assert seen == ["NOT_SERVING", "SERVING"], seen
     assert unavailable == grpc.StatusCode.UNAVAILABLE
+    assert http_while_loading == (200, 503, 503)
 
 
 def test_readme_grpcurl_examples_work_as_typed(server):

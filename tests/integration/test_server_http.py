@@ -262,12 +262,16 @@ def test_rank_above_limit_and_bad_names_and_paths(server, pool, tmp_path):
 # --------------------------------------------------------------------- adapters at runtime
 def test_hot_load_and_unload_while_serving(server, pool, oracle, tokenizer):
     shutil.copytree(pool["d"], server.store / "d")
+    n = 200
 
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
-            body = {"model": "a", "prompt": PROMPTS[4], "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+            body = {"model": "a", "prompt": PROMPTS[4], "max_tokens": n, "temperature": 0, "ignore_eos": True}
             running = asyncio.create_task(client.post(server.url + "/v1/completions", json=body))
-            await asyncio.sleep(0.3)
+            deadline = time.monotonic() + 30
+            while (await client.get(server.url + "/v1/adapters/a")).json()["running_requests"] == 0:
+                assert time.monotonic() < deadline, "the long request never started"
+                await asyncio.sleep(0.02)
             load = await client.post(server.url + "/v1/load_lora_adapter", json={"lora_name": "d"})
             unload = await client.post(server.url + "/v1/unload_lora_adapter", json={"lora_name": "a"})
             return await running, load, unload
@@ -275,7 +279,7 @@ def test_hot_load_and_unload_while_serving(server, pool, oracle, tokenizer):
     reply, load, unload = asyncio.run(run())
     assert load.status_code == 200 and load.json()["adapter"]["state"] == "resident"
     assert unload.status_code == 200 and unload.json()["status"] == "unloading"  # a is busy: it leaves when done
-    assert reply.json()["choices"][0]["text"] == text_of(tokenizer, oracle("a", PROMPTS[4], n=60))
+    assert reply.json()["choices"][0]["text"] == text_of(tokenizer, oracle("a", PROMPTS[4], n=n))
     deadline = time.monotonic() + 10
     while httpx.get(server.url + "/v1/adapters/a").json()["state"] != "available" and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -363,18 +367,24 @@ def test_queue_full_gets_429(tiny_base, pool, tmp_path_factory):
     with ServerProcess(tiny_base, store, "--max-batch-size", "1", "--max-queue", "1") as srv:
         async def run():
             async with httpx.AsyncClient(timeout=120) as client:
-                body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 150, "temperature": 0, "ignore_eos": True}
-                first = asyncio.create_task(client.post(srv.url + "/v1/completions", json=body))
-                await asyncio.sleep(0.5)
-                second = asyncio.create_task(client.post(srv.url + "/v1/completions", json=body))
-                await asyncio.sleep(0.5)
-                third = await client.post(srv.url + "/v1/completions", json=body)
-                return third, await first, await second
+                body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+                short = {"model": "a", "prompt": PROMPTS[1], "max_tokens": 5}
+                async with client.stream("POST", srv.url + "/v1/completions", json=body) as running:
+                    lines = running.aiter_lines()  # keep a reference: a collected iterator closes the stream
+                    await lines.__anext__()  # streaming: the only batch row is taken
+                    waiting = asyncio.create_task(client.post(srv.url + "/v1/completions", json=short))
+                    deadline = time.monotonic() + 30
+                    while "loraplex_num_requests_waiting 1.0" not in (await client.get(srv.url + "/metrics")).text:
+                        assert time.monotonic() < deadline, "the second request never queued"
+                        await asyncio.sleep(0.05)
+                    third = await client.post(srv.url + "/v1/completions", json=short)
+                # leaving the block disconnects the long stream: its row frees and the waiting one runs
+                return third, (await waiting).status_code
 
-        third, first, second = asyncio.run(run())
+        third, waiting_status = asyncio.run(run())
         assert third.status_code == 429 and third.headers["retry-after"]
         assert "queue full" in third.json()["error"]["message"] and "--max-queue 1" in third.json()["error"]["message"]
-        assert first.status_code == 200 and second.status_code == 200
+        assert waiting_status == 200
 
 
 def test_watch_picks_up_an_adapter_published_by_train_adapter(tiny_base, tmp_path_factory, label_data):

@@ -116,28 +116,29 @@ class _ChunkMaker:
         return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model, "choices": [choice]}
 
 
+async def _respond(request: Request, body, req: GenerationRequest, rid: str, *, chat: bool):
+    """Stream (SSE) or collect one request; the reply shape differs only between chat and text."""
+    service = _service(request)
+    object_name = "chat.completion" if chat else "text_completion"
+    if body.stream:
+        stream, first = await _start(service, req)
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        maker = _ChunkMaker("chat.completion.chunk" if chat else "text_completion", rid, body.model, chat=chat)
+        return StreamingResponse(_stream_body(stream, first, maker, include_usage, rid), media_type="text/event-stream")
+    text, last = await _collect(service.generate(req), request)
+    finish = last.finish_reason if last else "stop"
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return JSONResponse({"id": rid, "object": object_name, "created": int(time.time()), "model": body.model, "choices": [choice], "usage": _usage(last)})
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    req = GenerationRequest(messages=messages, **_common(body, rid))
-    service = _service(request)
-    if body.stream:
-        stream, first = await _start(service, req)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        maker = _ChunkMaker("chat.completion.chunk", rid, body.model, chat=True)
-        return StreamingResponse(_stream_body(stream, first, maker, include_usage, rid), media_type="text/event-stream")
-    text, last = await _collect(service.generate(req), request)
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": last.finish_reason if last else "stop"}],
-            "usage": _usage(last),
-        }
-    )
+    return await _respond(request, body, GenerationRequest(messages=messages, **_common(body, rid)), rid, chat=True)
 
 
 @router.post("/v1/completions")
@@ -152,20 +153,4 @@ async def completions(body: CompletionRequest, request: Request):
         req = GenerationRequest(prompt_token_ids=prompt, **_common(body, rid))
     else:
         req = GenerationRequest(prompt=prompt, **_common(body, rid))
-    service = _service(request)
-    if body.stream:
-        stream, first = await _start(service, req)
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        maker = _ChunkMaker("text_completion", rid, body.model, chat=False)
-        return StreamingResponse(_stream_body(stream, first, maker, include_usage, rid), media_type="text/event-stream")
-    text, last = await _collect(service.generate(req), request)
-    return JSONResponse(
-        {
-            "id": rid,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": body.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": last.finish_reason if last else "stop"}],
-            "usage": _usage(last),
-        }
-    )
+    return await _respond(request, body, req, rid, chat=False)
