@@ -6,7 +6,8 @@ adapters into a temporary store so any machine can run it). Phases, measured in 
 ratios compare like with like on a noisy machine:
 
 1. ``mixed``: C concurrent streaming clients, requests spread over the adapters (uniform or
-   skewed); 2. ``base``: the same load on the bare base; 3. ``hotload``: the mixed load again while
+   skewed); 2. ``base``: the same load on the bare base (mixed and base alternate ``--repeats``
+   times and are summed); 3. ``hotload``: the mixed load again while
    adapters are loaded one by one through the API (load latency, and the inter-token latency of
    running requests during loads vs without); 4. ``naive``: after the server is stopped, peft's
    ``PeftModel`` with the same adapters, one request at a time (``set_adapter`` then ``generate``).
@@ -63,6 +64,11 @@ def _pct(values: list[float], q: float) -> float | None:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, int(round(q / 100 * (len(ordered) - 1)))))
     return round(ordered[index] * 1000, 2)
+
+
+def _combine(a: PhaseResult, b: PhaseResult) -> PhaseResult:
+    return PhaseResult(a.name, a.requests + b.requests, a.output_tokens + b.output_tokens, a.seconds + b.seconds,
+                       a.ttft + b.ttft, a.itl + b.itl, a.errors + b.errors)
 
 
 def _pick(adapters: list[str], mix: str, rng: random.Random, base: str) -> str:
@@ -235,6 +241,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--naive-requests", type=int, default=8, help="requests for the one-at-a-time peft baseline")
     parser.add_argument("--hotload", type=int, default=4, help="adapters to hot-load during the hotload phase")
     parser.add_argument("--server-args", default="", help="extra flags for the server it starts, e.g. '--quantize int8'")
+    parser.add_argument("--repeats", type=int, default=2, help="alternate the mixed and base phases this many times (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench-results", help="folder for results.json and results.png")
 
@@ -305,8 +312,12 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
         for name in serving:  # load before measuring: the mixed phase measures serving, not first loads
             httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name}, timeout=600).raise_for_status()
         asyncio.run(run_load(url, "warmup", adapters=serving, mix="uniform", **{**common, "requests": min(8, args.requests)}))
-        phases["mixed"] = asyncio.run(run_load(url, "mixed", adapters=serving, mix=args.mix, **common))
-        phases["base"] = asyncio.run(run_load(url, "base", adapters=[], mix="base", **common))
+        # mixed and base alternate (A B A B ...) so slow drifts of a shared machine hit both alike
+        for round_ in range(args.repeats):
+            seeded = {**common, "seed": args.seed + round_}
+            for name, kwargs in (("mixed", dict(adapters=serving, mix=args.mix)), ("base", dict(adapters=[], mix="base"))):
+                result = asyncio.run(run_load(url, name, **kwargs, **seeded))
+                phases[name] = result if name not in phases else _combine(phases[name], result)
         if hot:
             load_windows: list[tuple[float, float]] = []
             token_gaps: list[tuple[float, float]] = []

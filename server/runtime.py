@@ -85,6 +85,9 @@ def build_runtime(settings: ServerSettings) -> Runtime:
 
     class EngineInstaller:
         async def add(self, name, modules):
+            # Fast path: a free slot that fits is written from a worker thread while decoding goes on.
+            if await asyncio.to_thread(engine.add_adapter_in_place, name, modules):
+                return
             await asyncio.wrap_future(scheduler.call(lambda e: e.add_adapter(name, modules)))
 
         async def remove(self, name):

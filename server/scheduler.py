@@ -21,9 +21,12 @@ log = logging.getLogger("loraplex.scheduler")
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, max_prefills_per_step: int = 2) -> None:
         self.engine = engine
         self.max_queue = max_queue
+        # A burst of arrivals is admitted a few per step, so running rows keep getting tokens and
+        # adapter loads wait for at most a few prefills (inter-token latency and hot-load latency).
+        self.max_prefills_per_step = max_prefills_per_step
         self.waiting: deque[EngineRequest] = deque()
         self.commands: deque[tuple[Callable[[Engine], Any], Future]] = deque()
         self._cv = threading.Condition()
@@ -93,7 +96,9 @@ class Scheduler:
                 self.on_step()
 
     def _admit(self) -> None:
-        while self.engine.has_capacity():
+        admitted = 0
+        while self.engine.has_capacity() and (admitted < self.max_prefills_per_step or not self.engine.num_running):
+            admitted += 1
             with self._cv:
                 if not self.waiting:
                     return

@@ -88,6 +88,11 @@ class Engine:
         self.slot_table.add(name, modules)
         self._slot_key = None
 
+    def add_adapter_in_place(self, name: str, modules: Mapping[str, object]) -> bool:
+        """From any thread: write a new adapter into a free slot that fits without pausing the
+        engine; False when stacks must grow (then use ``add_adapter`` on the engine thread)."""
+        return self.slot_table.try_add_in_place(name, modules)
+
     def remove_adapter(self, name: str) -> None:
         self._drop_cancelled()  # rows already finished by the service (stop string, disconnect) go first
         self._refuse_if_busy(name)

@@ -95,17 +95,19 @@ def test_isolation_oracle_concurrent_mixed_adapters(server, oracle, tokenizer):
 def test_continuous_batching_short_request_finishes_first(server):
     async def run():
         async with httpx.AsyncClient(timeout=120) as client:
-            long_body = {"model": "b", "prompt": PROMPTS[0], "max_tokens": 120, "temperature": 0, "ignore_eos": True, "stream": True}
+            long_body = {"model": "b", "prompt": PROMPTS[0], "max_tokens": 240, "temperature": 0, "ignore_eos": True, "stream": True}
             order = []
+            started = asyncio.Event()
 
             async def long_request():
                 async with client.stream("POST", server.url + "/v1/completions", json=long_body) as resp:
                     async for line in resp.aiter_lines():
+                        started.set()
                         if line == "data: [DONE]":
                             order.append("long")
 
             task = asyncio.create_task(long_request())
-            await asyncio.sleep(0.3)
+            await asyncio.wait_for(started.wait(), 60)  # the long request is decoding
             short = await client.post(server.url + "/v1/completions", json={"model": "c", "prompt": PROMPTS[1], "max_tokens": 3, "temperature": 0})
             order.append("short")
             await task

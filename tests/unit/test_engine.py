@@ -139,3 +139,26 @@ def test_removing_an_adapter_whose_rows_were_cancelled_succeeds(tiny_base, adapt
     request.cancelled = True
     engine.remove_adapter("a")
     assert sink.finish == "cancelled" and engine.num_running == 0 and "a" not in engine.slot_table.slots
+
+
+def test_in_place_add_only_when_it_fits_and_is_correct(tiny_base, adapters, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base)).eval()
+    shapes = BaseShapes.from_model(model, compute_fingerprint(tiny_base))
+    engine = Engine(model, eos_token_ids=[2], max_batch_size=8)
+    load = lambda name, path: load_validated_adapter(path, name, shapes, max_lora_rank=64).modules  # noqa: E731
+    assert not engine.add_adapter_in_place("a", load("a", adapters["a"]))  # no stacks yet: needs the engine path
+    engine.add_adapter("a", load("a", adapters["a"]))  # slot 1, capacity 2, rank 4
+    engine.add_adapter("b", load("b", adapters["b"]))  # slot 2: capacity grows to 4, rank 8 on q/v
+    running, running_sink = _request("r", PROMPTS[0], "a")
+    engine.prefill(running)
+    engine.decode()
+    assert engine.add_adapter_in_place("c", load("c", adapters["c"]))  # slot 3 fits (rank 2 <= every layer's rank)
+    assert not engine.add_adapter_in_place("big", load("big", make_random_adapter(tiny_base, tmp_path / "big", seed=5, r=16)))
+    late, late_sink = _request("late", PROMPTS[1], "c")
+    engine.prefill(late)
+    while engine.num_running:
+        engine.decode()
+    assert running_sink.tokens == reference_greedy(tiny_base, adapters["a"], PROMPTS[0], n=N_TOKENS)
+    assert late_sink.tokens == reference_greedy(tiny_base, adapters["c"], PROMPTS[1], n=N_TOKENS)
