@@ -101,12 +101,14 @@ def _settings_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import contextlib
     import logging
+    import signal
 
     import uvicorn
     from pydantic import ValidationError
 
-    from loraplex.server.runtime import create_server_app
+    from loraplex.server.runtime import begin_drain, create_server_app
     from loraplex.server.settings import ServerSettings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -128,7 +130,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     app = create_server_app(settings, on_fatal=on_fatal)
     print(f"loraplex: listening on http://{settings.host}:{settings.port} (loading base {settings.base!r}; /ready turns 200 when done)", flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # SIGTERM / SIGINT: stop taking work at once, then drain
+            begin_drain(app)
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # like uvicorn's, without re-raising the signal afterwards: a drained shutdown exits 0
+            handled = (signal.SIGINT, signal.SIGTERM)
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
     server.run()
     if failures:
         print(f"loraplex serve: error: {failures[0]}", file=sys.stderr)

@@ -185,6 +185,20 @@ def stop_runtime(runtime: Runtime) -> None:
     runtime.scheduler.stop()
 
 
+def begin_drain(app) -> None:
+    """Shutdown has begun: /ready and gRPC health go NOT_SERVING and new requests get 503 /
+    UNAVAILABLE at once; requests in flight go on (uvicorn and grpc then drain them)."""
+    service = getattr(app.state, "service", None)
+    if service is not None:
+        service.ready = False
+    grpc_front = getattr(app.state, "grpc", None)
+    if grpc_front is not None:
+        try:
+            asyncio.get_running_loop().create_task(grpc_front.set_serving(False))
+        except RuntimeError:  # no running loop in this thread: the lifespan shutdown sets it
+            pass
+
+
 def create_server_app(settings: ServerSettings, on_fatal=None):
     """The HTTP app. It listens at once (/health answers, /ready is 503) while the base loads in
     a worker thread; a load failure is logged and ``on_fatal`` stops the process."""

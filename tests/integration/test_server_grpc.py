@@ -298,3 +298,33 @@ def test_readme_grpcurl_examples_work_as_typed(server):
                 assert as_json[-1]["finishReason"] in ("FINISH_REASON_STOP", "FINISH_REASON_LENGTH"), as_json[-1]
             if method_name == "Check":
                 assert as_json[0]["status"] == "SERVING"
+
+
+def test_sigterm_flips_health_at_once_and_lets_a_running_stream_finish(tiny_base, adapters, tmp_path):
+    import signal
+
+    store = tmp_path / "adapters"
+    store.mkdir()
+    shutil.copytree(adapters["ga"], store / "ga")
+    srv = ServerProcess(tiny_base, store).start()
+    try:
+        with grpc.insecure_channel(srv.grpc_address) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            stream = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=300)))
+            first = next(stream)
+            srv.proc.send_signal(signal.SIGTERM)
+            status = None
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(service="loraplex.v1.Inference"), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.02)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            rest = list(stream)  # the running stream is not cut
+        assert sum(len(m.token_ids) for m in [first, *rest]) == 300
+        assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+        assert srv.proc.wait(30) == 0
+    finally:
+        srv.stop()
