@@ -2,7 +2,7 @@
 
     from loraplex.server.grpc_client import LoraplexGrpcClient
     with LoraplexGrpcClient("127.0.0.1:50051") as client:
-        print(client.generate("sentiment", "Classify ...", max_tokens=8, temperature=0).text)
+        print(client.chat("sentiment", [{"role": "user", "content": "Classify ..."}], max_tokens=8, temperature=0).text)
         for message in client.generate_stream("", "Once upon a time", max_tokens=16):
             print(message.text, end="")
 
