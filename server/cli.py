@@ -108,7 +108,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from loraplex.server.runtime import begin_drain, create_server_app
+    from loraplex.server.runtime import begin_drain, create_server_app, reload_keys
     from loraplex.server.settings import ServerSettings
 
     given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
@@ -140,6 +140,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             # like uvicorn's, without re-raising the signal afterwards: a drained shutdown exits 0
             handled = (signal.SIGINT, signal.SIGTERM)
             previous = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: reload_keys(app))
             try:
                 yield
             finally:
@@ -151,6 +152,36 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if failures:
         print(f"loraplex serve: error: {failures[0]}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_keys_add(args: argparse.Namespace) -> int:
+    from loraplex.server.auth import KeyFile
+
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    secret, key = KeyFile(args.file).add(args.name, args.role, adapters, requests_per_minute=args.requests_per_minute, tokens_per_minute=args.tokens_per_minute)
+    print(f"created key {key.name!r} (role {key.role}, adapters {', '.join(key.adapters)}) in {args.file}", file=sys.stderr)
+    print("the secret is shown once; only its sha256 is stored:", file=sys.stderr)
+    print(secret)
+    return 0
+
+
+def _cmd_keys_list(args: argparse.Namespace) -> int:
+    from loraplex.server.auth import KeyFile
+
+    for key in KeyFile(args.file).load():
+        limits = f" rpm={key.requests_per_minute}" if key.requests_per_minute else ""
+        limits += f" tpm={key.tokens_per_minute}" if key.tokens_per_minute else ""
+        state = "revoked" if key.revoked else "active"
+        print(f"{key.name}\t{key.role}\t{','.join(key.adapters)}\t{key.prefix}...\t{state}{limits}\t{key.created_at}")
+    return 0
+
+
+def _cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from loraplex.server.auth import KeyFile
+
+    key = KeyFile(args.file).revoke(args.name)
+    print(f"revoked key {key.name!r} in {args.file} (a running server re-reads the file within a second, or on SIGHUP)")
     return 0
 
 
@@ -168,6 +199,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_module.add_arguments(bench)
     bench.set_defaults(func=lambda args: bench_module.run(args))
+
+    keys = sub.add_parser("keys", help="manage API keys (a YAML file of hashes): add, list, revoke")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    add = keys_sub.add_parser("add", help="create a key; prints the secret once")
+    add.add_argument("--file", required=True, help="the key file (created if missing)")
+    add.add_argument("--name", required=True, help="a name for the key (shown in metrics as label key)")
+    add.add_argument("--role", choices=["user", "admin"], default="user", help="admin may load/unload adapters")
+    add.add_argument("--adapters", required=True, help="comma-separated names or glob patterns the key may use; '*' for all (the base counts by its served name)")
+    add.add_argument("--requests-per-minute", type=int, help="optional request rate limit")
+    add.add_argument("--tokens-per-minute", type=int, help="optional token rate limit (prompt + generated)")
+    add.set_defaults(func=_cmd_keys_add)
+    listing_keys = keys_sub.add_parser("list", help="keys in the file (never their secrets)")
+    listing_keys.add_argument("--file", required=True)
+    listing_keys.set_defaults(func=_cmd_keys_list)
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by name")
+    revoke.add_argument("--file", required=True)
+    revoke.add_argument("--name", required=True)
+    revoke.set_defaults(func=_cmd_keys_revoke)
 
     base = sub.add_parser("base", help="resolve the base model (materializing the embedded one) and print its fingerprint")
     base.add_argument("--model_name_or_path", "--base", default="embedded", help="'embedded' (default), a model folder or a hub id")

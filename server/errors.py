@@ -63,3 +63,25 @@ class NotReady(LoraplexError):
     """The server is starting or shutting down."""
 
     code = "not_ready"
+
+
+class Unauthenticated(LoraplexError):
+    """No API key, or one that is not valid (unknown or revoked)."""
+
+    code = "invalid_api_key"
+
+
+class PermissionDenied(LoraplexError):
+    """A valid key asked for something its role does not allow (admin routes)."""
+
+    code = "permission_denied"
+
+
+class RateLimited(Overloaded):
+    """A key went over its requests or tokens per minute."""
+
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float, param: str | None = None) -> None:
+        super().__init__(message, param=param)
+        self.retry_after = retry_after

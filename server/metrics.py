@@ -35,6 +35,8 @@ class ServerMetrics:
         self.waiting = Gauge("loraplex_num_requests_waiting", "Requests waiting to join the batch.", registry=r)
         self.resident = Gauge("loraplex_adapters_resident", "Adapters resident in memory.", registry=r)
         self.load_seconds = Histogram("loraplex_adapter_load_seconds", "Adapter load (validate + install) duration.", buckets=_LATENCY_BUCKETS, registry=r)
+        self.key_requests = Counter("loraplex_key_requests", "Finished requests per API key (its name, never the secret).", ["key", "adapter", "status"], registry=r)
+        self.key_tokens = Counter("loraplex_key_tokens", "Prompt + generated tokens per API key.", ["key"], registry=r)
         self.batch_size = Histogram("loraplex_batch_size", "Sequences in the running batch at each decode step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapters evicted by LRU.", registry=r)
         self.load_failures = Counter("loraplex_adapter_load_failures", "Adapter loads refused.", ["adapter"], registry=r)

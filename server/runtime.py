@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loraplex.server.api.http.app import create_app
+from loraplex.server.auth import KeyRing
 from loraplex.server.basemodel import BaseModelRef, load_base_model, load_tokenizer, resolve_base
 from loraplex.server.engine.engine import Engine, EngineRequest
 from loraplex.server.engine.sampling import SamplingParams
@@ -119,6 +120,7 @@ def build_runtime(settings: ServerSettings) -> Runtime:
         settings=settings,
         base_name=settings.served_model_name or ref.id,
         base_fingerprint=ref.fingerprint,
+        keys=KeyRing(settings.api_keys_file, settings.api_key),
     )
     metrics.bind(
         running=lambda: engine.num_running,
@@ -197,6 +199,17 @@ def begin_drain(app) -> None:
             asyncio.get_running_loop().create_task(grpc_front.set_serving(False))
         except RuntimeError:  # no running loop in this thread: the lifespan shutdown sets it
             pass
+
+
+def reload_keys(app) -> None:
+    """SIGHUP: re-read the API key file (requests in flight are not affected)."""
+    service = getattr(app.state, "service", None)
+    if service is not None:
+        try:
+            service.keys.reload()
+            log.info("API keys reloaded")
+        except Exception as exc:  # a broken file keeps the previous keys
+            log.error("API key reload failed, keeping the previous keys: %s", exc)
 
 
 def create_server_app(settings: ServerSettings, on_fatal=None):

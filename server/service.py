@@ -14,9 +14,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Sequence
 
+from loraplex.server.auth import ApiKey, KeyRing
 from loraplex.server.engine.engine import FINISH_CANCELLED, FINISH_ERROR, EngineRequest
 from loraplex.server.engine.sampling import SamplingParams
-from loraplex.server.errors import NotReady, Overloaded, RequestInvalid
+from loraplex.server.errors import AdapterNotFound, NotReady, Overloaded, RequestInvalid
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.registry import AdapterRegistry, AdapterState
 from loraplex.server.scheduler import Scheduler
@@ -46,6 +47,7 @@ class GenerationRequest:
     n: int = 1
     ignore_eos: bool = False
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    credential: str | None = field(default=None, repr=False)  # the raw API key, when auth is on
 
 
 @dataclass
@@ -73,7 +75,9 @@ class GenerationService:
         settings: ServerSettings,
         base_name: str,
         base_fingerprint: str,
+        keys: KeyRing | None = None,
     ) -> None:
+        self.keys = keys or KeyRing()
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.registry = registry
@@ -86,6 +90,23 @@ class GenerationService:
         self.waiting_adapters: dict[str, int] = {}
         self.running_adapters: dict[str, int] = {}
 
+    # ---------------------------------------------------------------- access
+    def authenticate(self, credential: str | None) -> ApiKey | None:
+        return self.keys.authenticate(credential)
+
+    def _visible(self, key: ApiKey | None, model: str) -> bool:
+        return key is None or key.may_use(model)
+
+    def authorize_model(self, key: ApiKey | None, model: str) -> None:
+        """A key that may not use a model gets the same answer as for a model that doesn't exist."""
+        if not self._visible(key, model):
+            raise AdapterNotFound(f"The model `{model}` does not exist.", param="model")
+
+    def require_admin(self, credential: str | None) -> ApiKey | None:
+        key = self.authenticate(credential)
+        self.keys.require_admin(key)
+        return key
+
     # --------------------------------------------------------------- models
     def adapter_for(self, model: str) -> str | None:
         """None for the bare base; the adapter name otherwise (AdapterNotFound if unknown)."""
@@ -96,21 +117,25 @@ class GenerationService:
         self.registry.get(model)
         return model
 
-    def list_models(self) -> list[dict[str, Any]]:
+    def list_models(self, credential: str | None = None) -> list[dict[str, Any]]:
+        key = self.authenticate(credential)
         self.registry.scan()
         models = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "loraplex", "root": self.base_name, "parent": None}]
         for name, entry in sorted(self.registry.entries.items()):
             models.append({"id": name, "object": "model", "created": self.created, "owned_by": "loraplex", "root": str(entry.path), "parent": self.base_name, "state": entry.state.value})
-        return models
+        return [m for m in models if self._visible(key, m["id"])]
 
-    def describe_adapters(self) -> list[dict[str, Any]]:
+    def describe_adapters(self, credential: str | None = None) -> list[dict[str, Any]]:
+        key = self.authenticate(credential)
         self.registry.scan()
-        return [e.describe() for _, e in sorted(self.registry.entries.items())]
+        return [e.describe() for name, e in sorted(self.registry.entries.items()) if self._visible(key, name)]
 
-    def describe_adapter(self, name: str) -> dict[str, Any]:
+    def describe_adapter(self, name: str, credential: str | None = None) -> dict[str, Any]:
+        self.authorize_model(self.authenticate(credential), name)
         return self.registry.get(name).describe()
 
-    async def load_adapter(self, name: str, path: str | None = None) -> dict[str, Any]:
+    async def load_adapter(self, name: str, path: str | None = None, credential: str | None = None) -> dict[str, Any]:
+        self.require_admin(credential)
         try:
             entry = await self.registry.load(name, path)
         finally:
@@ -119,7 +144,8 @@ class GenerationService:
             self.metrics.load_seconds.observe(entry.load_seconds)
         return entry.describe()
 
-    async def unload_adapter(self, name: str) -> dict[str, Any]:
+    async def unload_adapter(self, name: str, credential: str | None = None) -> dict[str, Any]:
+        self.require_admin(credential)
         entry = await self.registry.unload(name)
         self._update_lora_info()
         return entry.describe()
@@ -181,10 +207,13 @@ class GenerationService:
         """Stream events for one request; closing the iterator cancels the request."""
         if not self.ready:
             raise NotReady("the server is not ready yet (loading the base model)")
+        key = self.authenticate(req.credential)
+        self.authorize_model(key, req.model)
         adapter = self.adapter_for(req.model)
         label = adapter or self.base_name
         prompt_ids = self._prompt_ids(req)
         params = self._sampling(req, len(prompt_ids))
+        self.keys.admit(key)
         entry = await self.registry.acquire(adapter) if adapter else None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -238,6 +267,10 @@ class GenerationService:
                 self._count(self.running_adapters, label, -1)
             self.metrics.requests.labels(label, finish).inc()
             self.metrics.generation_tokens.labels(label).inc(completion)
+            if key is not None:
+                self.metrics.key_requests.labels(key.name, label, finish).inc()
+                self.metrics.key_tokens.labels(key.name).inc(completion + (len(prompt_ids) if finish != "rejected" else 0))
+                self.keys.record_tokens(key, completion + len(prompt_ids))
             self.metrics.e2e_latency.labels(label).observe(time.perf_counter() - arrived)
             if entry is not None:
                 await self.registry.release(entry)

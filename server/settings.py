@@ -35,6 +35,8 @@ class ServerSettings(BaseSettings):
     watch: bool = Field(False, description="poll the store and pick up adapters published while running")
     watch_interval: float = Field(2.0, gt=0, description="seconds between store polls with --watch")
     allow_external_adapter_paths: bool = Field(False, description="let load_lora_adapter take paths outside the store")
+    api_keys_file: str | None = Field(None, description="YAML key file (loraplex keys add); enables API keys")
+    api_key: str | None = Field(None, description="a single admin key for everything (simple mode)")
     vllm_metrics: bool = Field(True, description="also export vllm:* metric names (Gateway API Inference Extension routing)")
     log_level: str = Field("info", description="uvicorn log level")
 

@@ -4,6 +4,9 @@ codes. Every front goes through these tables; user mistakes never map to 500 / U
 from __future__ import annotations
 
 from loraplex.server.errors import (
+    PermissionDenied,
+    RateLimited,
+    Unauthenticated,
     AdapterExists,
     AdapterInvalid,
     AdapterNotFound,
@@ -16,6 +19,8 @@ from loraplex.server.errors import (
 
 #: error class -> (HTTP status, OpenAI error type)
 HTTP_STATUS: dict[type[LoraplexError], tuple[int, str]] = {
+    Unauthenticated: (401, "AuthenticationError"),
+    PermissionDenied: (403, "PermissionDeniedError"),
     RequestInvalid: (400, "BadRequestError"),
     AdapterInvalid: (400, "BadRequestError"),
     AdapterExists: (409, "ConflictError"),
@@ -42,11 +47,17 @@ def http_error(exc: LoraplexError) -> tuple[int, dict, dict[str, str]]:
     """(status, body, headers) for a loraplex error."""
     status, err_type = http_status(exc)
     headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if status in (429, 503) else {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, int(exc.retry_after + 0.999)))
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     return status, openai_error_body(exc.message, err_type, status, param=exc.param, code=exc.code), headers
 
 
 #: error class -> gRPC status code name (grpc.StatusCode member)
 GRPC_STATUS: dict[type[LoraplexError], str] = {
+    Unauthenticated: "UNAUTHENTICATED",
+    PermissionDenied: "PERMISSION_DENIED",
     RequestInvalid: "INVALID_ARGUMENT",
     AdapterInvalid: "FAILED_PRECONDITION",
     AdapterExists: "ALREADY_EXISTS",

@@ -37,6 +37,15 @@ def _sampling(message: pb.SamplingParams) -> dict:
     )
 
 
+def credential_of(context) -> str | None:
+    """The API key from the ``authorization`` metadata ("Bearer <key>" or the bare key)."""
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            scheme, _, rest = value.partition(" ")
+            return rest.strip() if scheme.lower() == "bearer" else value.strip()
+    return None
+
+
 def adapter_message(info: dict) -> pb.Adapter:
     return pb.Adapter(
         name=info["name"],
@@ -67,18 +76,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _model(self, service: GenerationService, adapter: str) -> str:
         return adapter if adapter else service.base_name
 
-    def _generate_request(self, service: GenerationService, request: pb.GenerateRequest) -> GenerationRequest:
+    def _generate_request(self, service: GenerationService, request: pb.GenerateRequest, context) -> GenerationRequest:
         if request.prompt and request.prompt_token_ids:
             raise RequestInvalid("give prompt or prompt_token_ids, not both", param="prompt")
-        common = dict(model=self._model(service, request.adapter), **_sampling(request.sampling))
+        common = dict(model=self._model(service, request.adapter), credential=credential_of(context), **_sampling(request.sampling))
         if request.request_id:
             common["request_id"] = request.request_id
         if request.prompt_token_ids:
             return GenerationRequest(prompt_token_ids=list(request.prompt_token_ids), **common)
         return GenerationRequest(prompt=request.prompt, **common)
 
-    def _chat_request(self, service: GenerationService, request: pb.ChatRequest) -> GenerationRequest:
-        common = dict(model=self._model(service, request.adapter), **_sampling(request.sampling))
+    def _chat_request(self, service: GenerationService, request: pb.ChatRequest, context) -> GenerationRequest:
+        common = dict(model=self._model(service, request.adapter), credential=credential_of(context), **_sampling(request.sampling))
         if request.request_id:
             common["request_id"] = request.request_id
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
@@ -87,7 +96,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _unary(self, build, request, context) -> pb.GenerateResponse:
         try:
             service = self._service()
-            req = build(service, request)
+            req = build(service, request, context)
             parts, tokens, last = [], [], None
             async for event in service.generate(req):
                 parts.append(event.text)
@@ -107,7 +116,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def _stream(self, build, request, context) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
             service = self._service()
-            req = build(service, request)
+            req = build(service, request, context)
             stream = service.generate(req)
             try:
                 async for event in stream:
@@ -145,25 +154,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ListAdapters(self, request, context):
         async def run(service):
-            return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in service.describe_adapters()])
+            return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in service.describe_adapters(credential_of(context))])
 
         return await self._admin(run, context)
 
     async def GetAdapter(self, request, context):
         async def run(service):
-            return adapter_message(service.describe_adapter(request.name))
+            return adapter_message(service.describe_adapter(request.name, credential_of(context)))
 
         return await self._admin(run, context)
 
     async def LoadAdapter(self, request, context):
         async def run(service):
-            return adapter_message(await service.load_adapter(request.name, request.path or None))
+            return adapter_message(await service.load_adapter(request.name, request.path or None, credential_of(context)))
 
         return await self._admin(run, context)
 
     async def UnloadAdapter(self, request, context):
         async def run(service):
-            info = await service.unload_adapter(request.name)
+            info = await service.unload_adapter(request.name, credential_of(context))
             status = "unloading" if info["state"] == "resident" else "unloaded"
             return pb.UnloadAdapterResponse(status=status, adapter=adapter_message(info))
 

@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 
-from loraplex.server.api.http.deps import service_of
+from loraplex.server.api.http.deps import credential_of, service_of
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from loraplex.server.api.errors import http_error
@@ -25,8 +25,9 @@ def _service(request: Request) -> GenerationService:
     return service_of(request)
 
 
-def _common(body, request_id: str) -> dict:
+def _common(body, request_id: str, request: Request) -> dict:
     return dict(
+        credential=credential_of(request),
         model=body.model,
         max_tokens=body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens,
         temperature=body.temperature,
@@ -138,7 +139,7 @@ async def _respond(request: Request, body, req: GenerationRequest, rid: str, *, 
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    return await _respond(request, body, GenerationRequest(messages=messages, **_common(body, rid)), rid, chat=True)
+    return await _respond(request, body, GenerationRequest(messages=messages, **_common(body, rid, request)), rid, chat=True)
 
 
 @router.post("/v1/completions")
@@ -150,7 +151,7 @@ async def completions(body: CompletionRequest, request: Request):
             raise RequestInvalid(f"prompt is a list of {len(prompt)} strings; only one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     if isinstance(prompt, list):
-        req = GenerationRequest(prompt_token_ids=prompt, **_common(body, rid))
+        req = GenerationRequest(prompt_token_ids=prompt, **_common(body, rid, request))
     else:
-        req = GenerationRequest(prompt=prompt, **_common(body, rid))
+        req = GenerationRequest(prompt=prompt, **_common(body, rid, request))
     return await _respond(request, body, req, rid, chat=False)
