@@ -147,7 +147,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                    timeout_graceful_shutdown=settings.shutdown_timeout + 5))
     server.run()
     if failures:
         print(f"loraplex serve: error: {failures[0]}", file=sys.stderr)

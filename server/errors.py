@@ -85,3 +85,9 @@ class RateLimited(Overloaded):
     def __init__(self, message: str, *, retry_after: float, param: str | None = None) -> None:
         super().__init__(message, param=param)
         self.retry_after = retry_after
+
+
+class EngineFailure(LoraplexError):
+    """Generation of one request failed inside the engine (a server fault, never the user's)."""
+
+    code = "engine_failure"

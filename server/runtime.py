@@ -191,8 +191,13 @@ def begin_drain(app) -> None:
     """Shutdown has begun: /ready and gRPC health go NOT_SERVING and new requests get 503 /
     UNAVAILABLE at once; requests in flight go on (uvicorn and grpc then drain them)."""
     service = getattr(app.state, "service", None)
-    if service is not None:
+    if service is not None and not getattr(app.state, "draining", False):
+        app.state.draining = True
         service.ready = False
+        try:  # in-flight requests get --shutdown-timeout seconds, then end with finish reason "abort"
+            asyncio.get_running_loop().call_later(service.settings.shutdown_timeout, service.abort_all)
+        except RuntimeError:
+            pass
     grpc_front = getattr(app.state, "grpc", None)
     if grpc_front is not None:
         try:
@@ -252,7 +257,7 @@ def create_server_app(settings: ServerSettings, on_fatal=None):
             if "runtime" in holder:
                 holder["runtime"].service.ready = False
             if grpc_front is not None:
-                await grpc_front.stop()
+                await grpc_front.stop(grace=settings.shutdown_timeout + 2)
             if "runtime" in holder:
                 stop_runtime(holder["runtime"])
 

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Sequence
 from loraplex.server.auth import ApiKey, KeyRing
 from loraplex.server.engine.engine import FINISH_CANCELLED, FINISH_ERROR, EngineRequest
 from loraplex.server.engine.sampling import SamplingParams
-from loraplex.server.errors import AdapterNotFound, NotReady, Overloaded, RequestInvalid
+from loraplex.server.errors import AdapterNotFound, EngineFailure, NotReady, Overloaded, RequestInvalid
 from loraplex.server.metrics import ServerMetrics
 from loraplex.server.registry import AdapterRegistry, AdapterState
 from loraplex.server.scheduler import Scheduler
@@ -87,6 +87,7 @@ class GenerationService:
         self.base_fingerprint = base_fingerprint
         self.ready = False
         self.created = int(time.time())
+        self.inflight: dict[int, EngineRequest] = {}
         self.waiting_adapters: dict[str, int] = {}
         self.running_adapters: dict[str, int] = {}
 
@@ -227,6 +228,10 @@ class GenerationService:
         last_token_at: float | None = None
         completion, finish = 0, None
         self._count(self.waiting_adapters, label, +1)
+        timer = None
+        if self.settings.request_timeout:
+            timer = loop.call_later(self.settings.request_timeout, self._end, engine_request, "timeout")
+        self.inflight[id(engine_request)] = engine_request
         try:
             try:
                 self.scheduler.submit(engine_request)
@@ -255,8 +260,12 @@ class GenerationService:
                 elif finish is not None and not assembler.stopped:
                     if finish == FINISH_ERROR:
                         log.error("request %s failed inside the engine", req.request_id)
+                        raise EngineFailure(f"request {req.request_id} failed inside the engine (see the server log)")
                     yield GenerationEvent(assembler.flush(), [], finish, len(prompt_ids), completion)
         finally:
+            self.inflight.pop(id(engine_request), None)
+            if timer is not None:
+                timer.cancel()
             if finish is None:
                 finish = FINISH_CANCELLED
                 engine_request.cancelled = True
@@ -274,6 +283,21 @@ class GenerationService:
             self.metrics.e2e_latency.labels(label).observe(time.perf_counter() - arrived)
             if entry is not None:
                 await self.registry.release(entry)
+
+    def _end(self, engine_request: EngineRequest, reason: str) -> None:
+        """End a request early with ``reason`` as its finish reason (the engine frees its row)."""
+        engine_request.cancel_reason = reason
+        engine_request.cancelled = True
+        self.scheduler.wake()
+
+    def abort_all(self, reason: str = "abort") -> int:
+        """End every request in flight (shutdown deadline); returns how many."""
+        requests = list(self.inflight.values())
+        for engine_request in requests:
+            self._end(engine_request, reason)
+        if requests:
+            log.warning("ended %d request(s) in flight with finish reason %r", len(requests), reason)
+        return len(requests)
 
     def _count(self, table: dict[str, int], name: str, delta: int) -> None:
         table[name] = table.get(name, 0) + delta

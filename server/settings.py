@@ -30,6 +30,8 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together in one forward")
     max_model_len: int = Field(2048, ge=8, description="prompt + generated tokens per request")
     max_queue: int = Field(256, ge=0, description="requests waiting beyond the running batch; more get 429")
+    request_timeout: float = Field(0, ge=0, description="seconds a request may run before it ends with finish_reason 'timeout' (0 = no limit)")
+    shutdown_timeout: float = Field(30, ge=0, description="on SIGTERM, seconds in-flight requests get before they end with finish_reason 'abort'")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none")
     preload: list[str] = Field(default_factory=list, description="adapters to load at start (comma-separated)")
     watch: bool = Field(False, description="poll the store and pick up adapters published while running")

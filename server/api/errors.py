@@ -4,6 +4,7 @@ codes. Every front goes through these tables; user mistakes never map to 500 / U
 from __future__ import annotations
 
 from loraplex.server.errors import (
+    EngineFailure,
     PermissionDenied,
     RateLimited,
     Unauthenticated,
@@ -28,6 +29,7 @@ HTTP_STATUS: dict[type[LoraplexError], tuple[int, str]] = {
     Overloaded: (429, "RateLimitError"),
     NotReady: (503, "ServiceUnavailableError"),
     BaseModelError: (500, "InternalServerError"),
+    EngineFailure: (500, "InternalServerError"),
 }
 RETRY_AFTER_SECONDS = 1
 
@@ -65,6 +67,7 @@ GRPC_STATUS: dict[type[LoraplexError], str] = {
     Overloaded: "RESOURCE_EXHAUSTED",
     NotReady: "UNAVAILABLE",
     BaseModelError: "INTERNAL",
+    EngineFailure: "INTERNAL",
 }
 
 

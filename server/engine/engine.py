@@ -11,6 +11,7 @@ request when a stop string appears.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
@@ -75,6 +76,9 @@ class Engine:
         self.running: list[_Running] = []
         self.peak_batch_size = 0
         self._slot_key: tuple[int, ...] | None = None
+        # Test hook (never set in production): requests whose id contains this string fail at
+        # their third token, to prove a fault in one request leaves the others running.
+        self._fault_marker = os.environ.get("LORAPLEX_TEST_FAIL_REQUEST_ID") or None
 
     # ------------------------------------------------------------- adapters
     @property
@@ -199,7 +203,16 @@ class Engine:
         keep: list[int] = []
         for i, running in enumerate(self.running):
             running.length += 1
-            if self._accept(running, sample_row(logits[i], running.request.params, running.generator)):
+            try:
+                if self._fault_marker and self._fault_marker in running.request.request_id and running.generated >= 2:
+                    raise RuntimeError("injected fault (LORAPLEX_TEST_FAIL_REQUEST_ID)")
+                token = sample_row(logits[i], running.request.params, running.generator)
+            except Exception:
+                # one row's failure ends that request only; the batch goes on
+                log.exception("request %s failed while sampling; ending it", running.request.request_id)
+                running.request.emit(None, FINISH_ERROR)
+                continue
+            if self._accept(running, token):
                 keep.append(i)
         self._keep_rows(keep)
 

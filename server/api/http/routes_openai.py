@@ -25,6 +25,12 @@ def _service(request: Request) -> GenerationService:
     return service_of(request)
 
 
+def _request_id(request: Request, prefix: str) -> str:
+    """The client's X-Request-Id when it sends one (logged with faults), else a fresh id."""
+    given = request.headers.get("x-request-id", "")
+    return given[:128] if given else f"{prefix}-{uuid.uuid4().hex}"
+
+
 def _common(body, request_id: str, request: Request) -> dict:
     return dict(
         credential=credential_of(request),
@@ -137,14 +143,14 @@ async def _respond(request: Request, body, req: GenerationRequest, rid: str, *, 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    rid = _request_id(request, "chatcmpl")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     return await _respond(request, body, GenerationRequest(messages=messages, **_common(body, rid, request)), rid, chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    rid = f"cmpl-{uuid.uuid4().hex}"
+    rid = _request_id(request, "cmpl")
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:
