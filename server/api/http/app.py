@@ -9,6 +9,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.server import __version__
 from loraplex.server.api.errors import http_error, openai_error_body
@@ -44,6 +45,15 @@ def create_app(service, metrics, lifespan=None) -> FastAPI:
             if "input" in first and first.get("type") != "missing":
                 message += f" (got {str(first['input'])[:100]!r})"
         return JSONResponse(openai_error_body(message, "BadRequestError", 400, param=param, code="invalid_request"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        # undecodable bodies, unknown routes, wrong methods: still OpenAI-shaped errors
+        detail = exc.detail if isinstance(exc.detail, str) else "request error"
+        if exc.status_code == 400:
+            detail = f"request body could not be read: {detail}"
+        body = openai_error_body(detail, "BadRequestError" if exc.status_code < 500 else "InternalServerError", exc.status_code)
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
