@@ -56,3 +56,38 @@ def test_garbage_bytes_never_500(server, raw):
 def test_still_serving_after_the_fuzzing(server):
     reply = httpx.post(server.url + "/v1/completions", json={"model": "fz", "prompt": [1, 2, 3], "max_tokens": 3}, timeout=60)
     assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "content, status, fragment",
+    [
+        (b'{"model": "fz", "prompt": "' + b"x" * (5 * 1024 * 1024) + b'"}', 413, "the limit is 4194304"),
+        (b'{"model": "fz", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested deeper than 64"),
+        (b'{"model": "fz", "prompt": "x", "temperature": NaN}', 400, "temperature"),
+        (b'{"model": "fz", "prompt": "x", "top_p": Infinity}', 400, "top_p"),
+        (b'{"model": "fz", "prompt": "x", "max_tokens": -5}', 400, "max_tokens must be >= 1"),
+        (b'{"model": "fz", "prompt": "x", "stop": [' + b",".join([b'"s"'] * 1000) + b"]}", 400, "the limit is 16"),
+        (b'{"model": "fz", "prompt": "\xff\xfe"}', 400, ""),
+    ],
+)
+def test_hostile_bodies_get_clear_4xx(server, content, status, fragment):
+    reply = httpx.post(server.url + "/v1/completions", content=content, headers={"content-type": "application/json"}, timeout=60)
+    assert reply.status_code == status, reply.text[:300]
+    assert fragment in reply.json()["error"]["message"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.one_of(
+        st.sampled_from(["..", "../fz", "/etc", "fz/../../x", "f\x00z", "ｆｚ", "fz\u202e", "..%2f", "~root", " fz", "fz/"]),
+        st.text(max_size=70),
+    ),
+    path=st.one_of(st.none(), st.sampled_from(["/etc", "../..", "/tmp", "fz/../../..", "fz\x00", "//etc/passwd", "fz/../fz"]), st.text(max_size=40)),
+)
+def test_adapter_names_and_paths_cannot_escape_the_store(server, name, path):
+    body = {"lora_name": name} if path is None else {"lora_name": name, "lora_path": path}
+    reply = httpx.post(server.url + "/v1/load_lora_adapter", json=body, timeout=60)
+    assert reply.status_code < 500, reply.text
+    if reply.status_code == 200:  # only a real adapter of the store can load
+        adapter = reply.json()["adapter"]
+        assert adapter["path"].endswith("/adapters/fz") or adapter["path"] == "fz", adapter

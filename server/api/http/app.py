@@ -19,8 +19,51 @@ from loraplex.server.errors import LoraplexError
 log = logging.getLogger("loraplex.http")
 
 
+#: request bodies above this are refused with 413 before they are read into memory
+MAX_BODY_BYTES = 4 * 1024 * 1024
+#: JSON nested deeper than this is refused with 400 (the parser's recursion is never reached)
+MAX_JSON_DEPTH = 64
+
+
+def _json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    depth, in_string, escaped = 0, False, False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
 def create_app(service, metrics, lifespan=None) -> FastAPI:
     app = FastAPI(title="loraplex", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
+
+    @app.middleware("http")
+    async def _limit_body(request: Request, call_next):
+        if request.method in ("POST", "PUT", "PATCH"):
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+                return JSONResponse(openai_error_body(f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", "BadRequestError", 413), status_code=413)
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY_BYTES:
+                    return JSONResponse(openai_error_body(f"request body is over the limit of {MAX_BODY_BYTES} bytes", "BadRequestError", 413), status_code=413)
+            if _json_depth_exceeds(body, MAX_JSON_DEPTH):
+                return JSONResponse(openai_error_body(f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels", "BadRequestError", 400), status_code=400)
+            request._body = body  # downstream handlers read the cached body
+        return await call_next(request)
     app.state.service = service
     app.state.metrics = metrics
     for router in (routes_openai.router, routes_admin.router, routes_ops.router):
