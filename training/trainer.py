@@ -103,9 +103,11 @@ def _resume_argument(cfg: TrainConfig) -> str | bool | None:
         return None
     if cfg.resume_from_checkpoint == "latest":
         run_dir = cfg.resolved_checkpoint_dir
-        if not any(run_dir.glob("checkpoint-*")):
-            raise TrainInputError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {run_dir}")
-        return True
+        # complete checkpoints only: a run killed while saving leaves a folder without trainer_state.json
+        complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
+        if not complete:
+            raise TrainInputError(f"--resume_from_checkpoint latest: no complete checkpoint-* folder in {run_dir}")
+        return str(max(complete, key=lambda p: int(p.name.split("-")[-1])))
     return cfg.resume_from_checkpoint
 
 

@@ -97,7 +97,7 @@ def test_resume_continues_the_step_count(tmp_path, tiny_base, label_data):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_base, label_data, capsys):
     argv = ["--model_name_or_path", str(tiny_base), "--data_files", str(label_data), "--output_path", str(tmp_path / "adapters/x"), "--resume_from_checkpoint", "latest", "--max_steps", "1"]
     assert main(argv) == 2
-    assert "no checkpoint-* folder" in capsys.readouterr().err
+    assert "no complete checkpoint-* folder" in capsys.readouterr().err
     assert not (tmp_path / "adapters" / "x").exists()
 
 
@@ -168,3 +168,32 @@ def test_template_mode_and_tensorboard(tmp_path, tiny_base):
     assert report["eval_examples"] == 4 and report["train_examples"] == 16
     events = list((tmp_path / "adapters" / ".runs" / "tmpl").rglob("events.out.tfevents.*"))
     assert events, "tensorboard event files expected under the checkpoint dir"
+
+
+def test_killed_run_publishes_nothing_and_resumes(tmp_path, tiny_base, label_data):
+    """SIGKILL a training run after its first checkpoint: no adapter (not even a hidden half one)
+    is visible in the store; `--resume_from_checkpoint latest` then finishes and publishes."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    store = tmp_path / "adapters"
+    argv = [sys.executable, "-m", "loraplex.training.cli", "--model_name_or_path", str(tiny_base), "--data_files", str(label_data),
+            "--output_path", str(store / "k"), "--max_steps", "400", "--save_steps", "2", "--logging_steps", "1", "--lora_r", "4"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "LORAPLEX_CACHE": str(tmp_path / "cache")})
+    deadline = time.monotonic() + 120
+    while not list((store / ".runs" / "k").glob("checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert AdapterStore(store).names() == []  # nothing half-published is visible
+    assert not (store / "k").exists()
+    saved = max(int(p.name.split("-")[1]) for p in (store / ".runs" / "k").glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    assert main(["--model_name_or_path", str(tiny_base), "--data_files", str(label_data), "--output_path", str(store / "k"),
+                 "--max_steps", str(saved + 3), "--save_steps", "2", "--lora_r", "4", "--resume_from_checkpoint", "latest"]) == 0
+    report = json.loads((store / "k" / "training_report.json").read_text())
+    steps = [h["step"] for h in report["log_history"] if "loss" in h]
+    assert report["global_step"] == saved + 3 and AdapterStore(store).names() == ["k"]
+    assert steps[-3:] == [saved + 1, saved + 2, saved + 3]
