@@ -46,6 +46,57 @@ def _json_depth_exceeds(raw: bytes, limit: int) -> bool:
     return False
 
 
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "integer", "null"]},
+            },
+        }
+    },
+}
+_ERROR_STATUSES = {
+    "400": "Invalid request (the message names the value and the limit)",
+    "401": "Missing or invalid API key",
+    "403": "The key's role does not allow this",
+    "404": "Unknown model or adapter",
+    "409": "Conflict",
+    "413": "Request body too large",
+    "429": "Queue full or rate limited (see Retry-After)",
+    "500": "A fault inside the server (logged with the request id)",
+    "503": "Not ready (loading or shutting down)",
+}
+
+
+def _openapi_with_errors(app: FastAPI) -> dict:
+    """FastAPI's schema, with our real error responses (OpenAI error JSON) instead of its 422."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    schema.setdefault("components", {}).setdefault("schemas", {})["OpenAIError"] = _ERROR_SCHEMA
+    ref = {"$ref": "#/components/schemas/OpenAIError"}
+    for path, methods in schema.get("paths", {}).items():
+        for operation in methods.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            if path.startswith("/v1/"):
+                for status, description in _ERROR_STATUSES.items():
+                    responses.setdefault(status, {"description": description, "content": {"application/json": {"schema": ref}}})
+            if path in ("/ready",):
+                responses.setdefault("503", {"description": "Not ready yet"})
+    app.openapi_schema = schema
+    return schema
+
+
 def create_app(service, metrics, lifespan=None) -> FastAPI:
     app = FastAPI(title="loraplex", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
@@ -68,6 +119,7 @@ def create_app(service, metrics, lifespan=None) -> FastAPI:
     app.state.metrics = metrics
     for router in (routes_openai.router, routes_admin.router, routes_ops.router):
         app.include_router(router)
+    app.openapi = lambda: _openapi_with_errors(app)
 
     @app.exception_handler(LoraplexError)
     async def _loraplex_error(request: Request, exc: LoraplexError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter()
@@ -22,7 +22,7 @@ async def ready(request: Request):
     return {"status": "ready", "base": service.base_name, "fingerprint": service.base_fingerprint}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 async def metrics(request: Request):
     registry = getattr(request.app.state, "metrics", None)
     return Response(registry.render() if registry is not None else b"", media_type=CONTENT_TYPE_LATEST)
