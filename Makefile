@@ -10,7 +10,7 @@ STAMP_TOOLS := $(VENV)/.stamp-tools
 STAMP_BUF   := .tools/.stamp-buf
 SERVE_ARGS ?=
 
-.PHONY: venv test test-fast serve bench proto demo-data demo-adapters clean help
+.PHONY: venv test test-fast serve bench proto deploy-check demo-data demo-adapters clean help
 
 help:
 	@echo "make serve          start the server on the embedded base with every adapter in adapters/"
@@ -18,6 +18,7 @@ help:
 	@echo "make test-fast      the suite without tests marked slow"
 	@echo "make demo-data      regenerate the three demo datasets (deterministic)"
 	@echo "make demo-adapters  retrain the three demo adapters on the real base into adapters/"
+	@echo "make deploy-check   render and validate deploy/k8s offline (also part of make test)"
 	@echo "make proto          regenerate the gRPC stubs from proto/loraplex/v1/inference.proto"
 	@echo "make bench          run loraplex bench (8 synthetic rank-8 adapters, concurrency 16) into docs/bench/"
 
@@ -62,6 +63,11 @@ $(STAMP_BUF):
 
 test: venv $(STAMP_TOOLS) $(STAMP_BUF)
 	$(PY) -m pytest -q
+
+# deploy/ checked offline: kustomize renders every overlay, strict schema validation, security
+# settings, and `loraplex serve` with the ConfigMap's env answering the kubelet's probes.
+deploy-check: venv
+	$(PY) -m pytest -q tests/integration/test_deploy.py
 
 # Regenerate the gRPC stubs committed in proto/loraplex/v1/ (a test fails when they are stale).
 proto: venv

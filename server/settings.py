@@ -6,10 +6,10 @@ given on the command line override the environment. Read at call time, never at 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class ServerSettings(BaseSettings):
@@ -33,7 +33,7 @@ class ServerSettings(BaseSettings):
     request_timeout: float = Field(0, ge=0, description="seconds a request may run before it ends with finish_reason 'timeout' (0 = no limit)")
     shutdown_timeout: float = Field(30, ge=0, description="on SIGTERM, seconds in-flight requests get before they end with finish_reason 'abort'")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none")
-    preload: list[str] = Field(default_factory=list, description="adapters to load at start (comma-separated)")
+    preload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="adapters to load at start (comma-separated)")
     watch: bool = Field(False, description="poll the store and pick up adapters published while running")
     watch_interval: float = Field(2.0, gt=0, description="seconds between store polls with --watch")
     allow_external_adapter_paths: bool = Field(False, description="let load_lora_adapter take paths outside the store")

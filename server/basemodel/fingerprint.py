@@ -132,16 +132,23 @@ def compute_fingerprint(model_dir: str | Path, *, use_memo: bool = True) -> str:
         digest.update(f"\n{name}|{tensors[name]}".encode())
     fingerprint = digest.hexdigest()[:FINGERPRINT_LENGTH]
     if use_memo:
-        memo_path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(memo_path) + ".lock"):
-            memo = {}
-            if memo_path.is_file():
-                try:
-                    memo = json.loads(memo_path.read_text())
-                except ValueError:
-                    memo = {}
-            memo[key] = fingerprint
-            tmp = memo_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(memo, indent=0))
-            tmp.replace(memo_path)
+        try:
+            _remember(memo_path, key, fingerprint)
+        except OSError:  # a read-only cache (container image) still works, just without the memo
+            pass
     return fingerprint
+
+
+def _remember(memo_path: Path, key: str, fingerprint: str) -> None:
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(memo_path) + ".lock"):
+        memo = {}
+        if memo_path.is_file():
+            try:
+                memo = json.loads(memo_path.read_text())
+            except ValueError:
+                memo = {}
+        memo[key] = fingerprint
+        tmp = memo_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(memo, indent=0))
+        tmp.replace(memo_path)
