@@ -84,7 +84,7 @@ class TrainConfig:
     eval_steps: int | None = _f(None, "Compute eval loss every N steps (default: about 10 times per run).", group="evaluation and checkpoints")
     save_steps: int = _f(100, "Write a checkpoint every N steps (kept: the last 2).", group="evaluation and checkpoints")
     checkpoint_dir: str | None = _f(None, "Checkpoints and tensorboard logs (default: <store>/.runs/NAME).", metavar="PATH", group="evaluation and checkpoints")
-    resume_from_checkpoint: str | None = _f(None, "'latest' (the newest checkpoint in --checkpoint_dir) or a checkpoint folder.", metavar="latest|PATH", group="evaluation and checkpoints")
+    resume_from_checkpoint: str | None = _f(None, "'latest' (the newest complete checkpoint in --checkpoint_dir), 'auto' (latest if there is one, else start fresh: for retried jobs) or a checkpoint folder.", metavar="latest|auto|PATH", group="evaluation and checkpoints")
     early_stopping_patience: int | None = _f(None, "Stop when eval loss has not improved for N evaluations (keeps the best).", group="evaluation and checkpoints")
     report_to: str = _f("none", "Also log to tensorboard (in --checkpoint_dir/runs).", choices=REPORT_TO, group="evaluation and checkpoints")
 

@@ -88,7 +88,7 @@ def preflight(cfg: TrainConfig) -> None:
             raise TrainInputError(f"--method qlora needs bitsandbytes, which cannot run here: {problem}", param="method")
     records = load_records(cfg.data_paths)
     make_splits(records, cfg)
-    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint != "latest":
+    if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint not in ("latest", "auto"):
         if not Path(cfg.resume_from_checkpoint).is_dir():
             raise TrainInputError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint folder")
 
@@ -101,11 +101,13 @@ def _total_steps(cfg: TrainConfig, n_train: int) -> int:
 def _resume_argument(cfg: TrainConfig) -> str | bool | None:
     if not cfg.resume_from_checkpoint:
         return None
-    if cfg.resume_from_checkpoint == "latest":
+    if cfg.resume_from_checkpoint in ("latest", "auto"):
         run_dir = cfg.resolved_checkpoint_dir
         # complete checkpoints only: a run killed while saving leaves a folder without trainer_state.json
         complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and p.name.split("-")[-1].isdigit()]
         if not complete:
+            if cfg.resume_from_checkpoint == "auto":
+                return None  # nothing to resume: start fresh (a retried Job's first attempt)
             raise TrainInputError(f"--resume_from_checkpoint latest: no complete checkpoint-* folder in {run_dir}")
         return str(max(complete, key=lambda p: int(p.name.split("-")[-1])))
     return cfg.resume_from_checkpoint

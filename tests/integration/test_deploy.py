@@ -126,3 +126,48 @@ def test_serve_with_the_configmap_env_answers_the_kubelet(tiny_base, tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_the_image_command_line_and_env_serve(tiny_base, tmp_path):
+    """The CPU image's ENTRYPOINT + CMD and ENV, run locally: only the base, the store, the cache
+    and the ports are moved (as a volume mount and port mapping would), and the host is loopback."""
+    import json
+    import os
+    import re
+    import sys
+    import time
+
+    from tests.oracle import make_random_adapter
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", dockerfile, re.M).group(1))
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", dockerfile, re.M).group(1))
+    env_line = re.search(r"^ENV (.*?)(?<!\\)$", dockerfile, re.M | re.S).group(1).replace("\\\n", " ")
+    image_env = dict(pair.split("=", 1) for pair in env_line.split())
+    assert entrypoint == ["loraplex", "serve"] and "--adapters-dir" in cmd
+    store = tmp_path / "adapters"
+    store.mkdir()
+    make_random_adapter(tiny_base, store / "img", seed=91)
+    args = [str(store) if a == "/adapters" else ("127.0.0.1" if a == "0.0.0.0" else a) for a in cmd]
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, **image_env, "LORAPLEX_CACHE": str(tmp_path / "cache"), "LORAPLEX_BASE": str(tiny_base),
+           "LORAPLEX_PORT": str(http_port), "LORAPLEX_GRPC_PORT": str(grpc_port)}
+    proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "serve", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        reply = httpx.post(url + "/v1/completions", json={"model": "img", "prompt": [1, 2, 3], "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
+        # the HEALTHCHECK's own command, against this server
+        health_cmd = re.search(r'CMD (python -c ".*")$', dockerfile, re.M).group(1).replace("127.0.0.1:8000", f"127.0.0.1:{http_port}")
+        assert subprocess.run(health_cmd.replace("python", sys.executable, 1), shell=True).returncode == 0
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -94,6 +94,11 @@ def test_resume_continues_the_step_count(tmp_path, tiny_base, label_data):
     assert {s: v for s, v in losses if s <= 4} == first_losses  # steps 1-4 come from the checkpoint
 
 
+def test_resume_auto_starts_fresh_without_a_checkpoint(tmp_path, tiny_base, label_data):
+    out = _train(tmp_path, tiny_base, label_data, "fresh", "--max_steps", "2", "--resume_from_checkpoint", "auto")
+    assert json.loads((out / "training_report.json").read_text())["global_step"] == 2
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_base, label_data, capsys):
     argv = ["--model_name_or_path", str(tiny_base), "--data_files", str(label_data), "--output_path", str(tmp_path / "adapters/x"), "--resume_from_checkpoint", "latest", "--max_steps", "1"]
     assert main(argv) == 2
@@ -192,7 +197,7 @@ def test_killed_run_publishes_nothing_and_resumes(tmp_path, tiny_base, label_dat
     assert not (store / "k").exists()
     saved = max(int(p.name.split("-")[1]) for p in (store / ".runs" / "k").glob("checkpoint-*") if (p / "trainer_state.json").exists())
     assert main(["--model_name_or_path", str(tiny_base), "--data_files", str(label_data), "--output_path", str(store / "k"),
-                 "--max_steps", str(saved + 3), "--save_steps", "2", "--lora_r", "4", "--resume_from_checkpoint", "latest"]) == 0
+                 "--max_steps", str(saved + 3), "--save_steps", "2", "--lora_r", "4", "--resume_from_checkpoint", "auto"]) == 0
     report = json.loads((store / "k" / "training_report.json").read_text())
     steps = [h["step"] for h in report["log_history"] if "loss" in h]
     assert report["global_step"] == saved + 3 and AdapterStore(store).names() == ["k"]
