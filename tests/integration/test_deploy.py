@@ -15,7 +15,7 @@ import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.integration.server_harness import free_port
+from tests.integration.server_harness import free_port, wait_ready
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OVERLAYS = ["cpu", "gpu"]
@@ -92,7 +92,6 @@ def test_serve_with_the_configmap_env_answers_the_kubelet(tiny_base, tmp_path):
     ports) and the host (loopback instead of 0.0.0.0)."""
     import os
     import sys
-    import time
 
     from tests.oracle import make_random_adapter
 
@@ -108,14 +107,7 @@ def test_serve_with_the_configmap_env_answers_the_kubelet(tiny_base, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
+        wait_ready(url, proc)
         assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/ready").status_code == 200
         assert "vllm:num_requests_waiting" in httpx.get(url + "/metrics").text
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
@@ -135,7 +127,6 @@ def test_the_image_command_line_and_env_serve(tiny_base, tmp_path):
     import os
     import re
     import sys
-    import time
 
     from tests.oracle import make_random_adapter
 
@@ -155,14 +146,7 @@ def test_the_image_command_line_and_env_serve(tiny_base, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "loraplex.server.cli", "serve", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{http_port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
+        wait_ready(url, proc)
         reply = httpx.post(url + "/v1/completions", json={"model": "img", "prompt": [1, 2, 3], "max_tokens": 2}, timeout=60)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 2
         # the HEALTHCHECK's own command, against this server
