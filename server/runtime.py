@@ -168,8 +168,10 @@ async def start_runtime(runtime: Runtime) -> None:
     runtime.scheduler.start()
     runtime.registry.scan()
     for name in runtime.settings.preload:
-        try:
-            await runtime.service.load_adapter(name)
+        try:  # internal: no API key involved
+            entry = await runtime.registry.load(name)
+            if entry.load_seconds is not None:
+                runtime.metrics.load_seconds.observe(entry.load_seconds)
         except Exception as exc:  # noqa: BLE001 - one bad adapter must not stop the server
             log.error("preload of adapter %s failed: %s", name, exc)
     await _warm_up(runtime)

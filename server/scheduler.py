@@ -50,7 +50,8 @@ class Scheduler:
 
     def submit(self, request: EngineRequest) -> None:
         with self._cv:
-            if len(self.waiting) >= self.max_queue and not self.engine.has_capacity():
+            free_rows = self.engine.max_batch_size - self.engine.num_running
+            if len(self.waiting) >= self.max_queue + max(0, free_rows):  # waiting beyond the running batch
                 raise Overloaded(f"queue full: {len(self.waiting)} requests waiting (--max-queue {self.max_queue}); retry later")
             self.waiting.append(request)
             self._cv.notify_all()
@@ -79,6 +80,7 @@ class Scheduler:
                     break
                 commands = list(self.commands)
                 self.commands.clear()
+            self._drop_cancelled_waiting()
             for fn, future in commands:
                 try:
                     future.set_result(fn(self.engine))
@@ -94,6 +96,16 @@ class Scheduler:
             self.steps += 1
             if self.on_step is not None:
                 self.on_step()
+
+    def _drop_cancelled_waiting(self) -> None:
+        """Requests cancelled or timed out while still queued leave the queue at once."""
+        with self._cv:
+            if not any(r.cancelled for r in self.waiting):
+                return
+            dropped = [r for r in self.waiting if r.cancelled]
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        for request in dropped:
+            request.emit(None, request.cancel_reason)
 
     def _admit(self) -> None:
         admitted = 0

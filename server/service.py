@@ -279,7 +279,8 @@ class GenerationService:
             if key is not None:
                 self.metrics.key_requests.labels(key.name, label, finish).inc()
                 self.metrics.key_tokens.labels(key.name).inc(completion + (len(prompt_ids) if finish != "rejected" else 0))
-                self.keys.record_tokens(key, completion + len(prompt_ids))
+                if finish != "rejected":
+                    self.keys.record_tokens(key, completion + len(prompt_ids))
             self.metrics.e2e_latency.labels(label).observe(time.perf_counter() - arrived)
             if entry is not None:
                 await self.registry.release(entry)

@@ -39,6 +39,7 @@ class ServerSettings(BaseSettings):
     allow_external_adapter_paths: bool = Field(False, description="let load_lora_adapter take paths outside the store")
     api_keys_file: str | None = Field(None, description="YAML key file (loraplex keys add); enables API keys")
     api_key: str | None = Field(None, description="a single admin key for everything (simple mode)")
+    metrics_require_key: bool = Field(False, description="with API keys on, /metrics also needs a valid key (any role)")
     vllm_metrics: bool = Field(True, description="also export vllm:* metric names (Gateway API Inference Extension routing)")
     log_level: str = Field("info", description="uvicorn log level")
 

@@ -23,14 +23,13 @@ class TextAssembler:
         """Append a token; return the new text that is safe to emit (may be empty)."""
         self.ids.append(token_id)
         text = self._text()
-        for stop in self.stop:
-            at = text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                self.stopped = True
-                return self._take(text, at)
+        hits = [at for stop in self.stop if (at := text.find(stop, max(0, self.emitted - len(stop)))) != -1]
+        if hits:  # the earliest stop string in the text wins, whatever its place in the list
+            self.stopped = True
+            return self._take(text, min(hits))
         safe = len(text) - self.hold
-        if text.endswith("\ufffd"):  # a multi-byte character is incomplete
-            safe = min(safe, len(text) - 1)
+        # incomplete multi-byte characters decode as one or more U+FFFD (byte-fallback tokenizers): hold them all
+        safe = min(safe, len(text.rstrip("\ufffd")))
         return self._take(text, safe)
 
     def flush(self) -> str:

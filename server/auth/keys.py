@@ -76,8 +76,11 @@ class KeyFile:
             raise RequestInvalid(f"{self.path}: expected a mapping with a 'keys:' list")
         keys = []
         for i, entry in enumerate(entries):
+            adapters = entry.get("adapters") if isinstance(entry, dict) else None
+            if not isinstance(adapters, list) or not all(isinstance(a, str) and a for a in adapters):
+                raise RequestInvalid(f"{self.path}: keys[{i}].adapters must be a list of names or glob patterns, got {adapters!r}")
             try:
-                key = ApiKey(**{**entry, "adapters": tuple(entry.get("adapters", ()))})
+                key = ApiKey(**{**entry, "adapters": tuple(adapters)})
             except TypeError as exc:
                 raise RequestInvalid(f"{self.path}: keys[{i}] is malformed ({exc})") from exc
             if key.role not in ROLES or len(key.sha256) != 64:

@@ -208,6 +208,8 @@ class LoraSlots:
 
     def remove(self, name: str) -> None:
         with self.lock:
+            if name not in self.slots:  # idempotent: already gone
+                return
             slot = self.slots.pop(name)
             for layer in self.layers.values():
                 layer.clear(slot)  # free slots are all-zero: in-place adds rely on it

@@ -125,7 +125,14 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------- loading
     async def load(self, name: str, path: str | None = None) -> AdapterEntry:
-        """Validate and install ``name`` (from the store, or ``path``); idempotent when resident."""
+        """Validate and install ``name`` (from the store, or ``path``); idempotent when resident.
+
+        The work runs in its own task, shielded: a caller that is cancelled (client disconnect,
+        deadline) never leaves the registry and the engine out of step.
+        """
+        return await asyncio.shield(asyncio.ensure_future(self._load(name, path)))
+
+    async def _load(self, name: str, path: str | None) -> AdapterEntry:
         validate_adapter_name(name)
         if path is not None:
             folder = resolve_adapter_path(self.store, name, path, allow_external=self.allow_external_paths)
@@ -155,6 +162,10 @@ class AdapterRegistry:
                 entry.state, entry.error, entry.adapter = AdapterState.FAILED, str(exc), None
                 self.on_event("failed", entry)
                 raise
+            except BaseException:
+                if entry.state == AdapterState.LOADING:
+                    entry.state = AdapterState.AVAILABLE
+                raise
             entry.loaded_at = time.time()
             entry.load_seconds = time.perf_counter() - started
             entry.last_used = time.monotonic()
@@ -170,8 +181,9 @@ class AdapterRegistry:
                     f"all {len(resident)} resident adapters (--max-loras {self.max_loras}) are serving requests; retry later"
                 )
             victim = min(idle, key=lambda e: e.last_used)
-            await self.installer.remove(victim.name)
+            # state first: a request arriving during the removal takes the load path, not the slot
             victim.state, victim.adapter = AdapterState.AVAILABLE, None
+            await self.installer.remove(victim.name)
             resident.remove(victim)
             self.evictions += 1
             self.on_event("evicted", victim)
@@ -187,10 +199,14 @@ class AdapterRegistry:
         return entry
 
     async def _remove(self, entry: AdapterEntry) -> None:
-        async with self._install_lock:
-            await self.installer.remove(entry.name)
-            entry.state, entry.adapter, entry.unload_pending = AdapterState.AVAILABLE, None, False
+        # state first (synchronously): a request arriving meanwhile reloads instead of using the slot
+        entry.state, entry.adapter, entry.unload_pending = AdapterState.AVAILABLE, None, False
+        await asyncio.shield(asyncio.ensure_future(self._remove_from_engine(entry.name)))
         self.on_event("unloaded", entry)
+
+    async def _remove_from_engine(self, name: str) -> None:
+        async with self._install_lock:
+            await self.installer.remove(name)
 
     # ---------------------------------------------------------- per request
     async def acquire(self, name: str) -> AdapterEntry:

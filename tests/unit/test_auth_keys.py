@@ -37,7 +37,7 @@ def test_bad_inputs_are_refused(tmp_path):
     with pytest.raises(RequestInvalid, match="no key named 'zz'"):
         keys.revoke("zz")
     (tmp_path / "broken.yaml").write_text("keys: [{name: x}]")
-    with pytest.raises(RequestInvalid, match="malformed|needs role"):
+    with pytest.raises(RequestInvalid, match="malformed|needs role|adapters must be a list"):
         KeyFile(tmp_path / "broken.yaml").load()
 
 
@@ -77,3 +77,9 @@ def test_rate_limits_with_retry_after(tmp_path):
     ring.record_tokens(key2, 150)
     with pytest.raises(RateLimited, match="used 150 tokens in the last minute; its limit is 100"):
         ring.admit(key2)
+
+
+def test_adapters_must_be_a_list_not_a_string(tmp_path):
+    (tmp_path / "keys.yaml").write_text(f"keys:\n- name: x\n  role: user\n  adapters: 'team-*'\n  sha256: {'a' * 64}\n")
+    with pytest.raises(RequestInvalid, match="adapters must be a list"):
+        KeyFile(tmp_path / "keys.yaml").load()

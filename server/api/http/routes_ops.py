@@ -6,6 +6,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from loraplex.server.api.http.deps import credential_of
+
 router = APIRouter()
 
 
@@ -24,5 +26,8 @@ async def ready(request: Request):
 
 @router.get("/metrics", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}})
 async def metrics(request: Request):
+    service = getattr(request.app.state, "service", None)
+    if service is not None and service.settings.metrics_require_key:
+        service.authenticate(credential_of(request))
     registry = getattr(request.app.state, "metrics", None)
     return Response(registry.render() if registry is not None else b"", media_type=CONTENT_TYPE_LATEST)
