@@ -10,7 +10,7 @@ STAMP_TOOLS := $(VENV)/.stamp-tools
 STAMP_BUF   := .tools/.stamp-buf
 SERVE_ARGS ?=
 
-.PHONY: venv test test-fast serve bench proto deploy-check demo-data demo-adapters clean help
+.PHONY: venv test test-fast serve bench bench-backends onnx-report proto deploy-check demo-data demo-adapters clean help
 
 help:
 	@echo "make serve          start the server on the embedded base with every adapter in adapters/"
@@ -19,6 +19,8 @@ help:
 	@echo "make demo-data      regenerate the three demo datasets (deterministic)"
 	@echo "make demo-adapters  retrain the three demo adapters on the real base into adapters/"
 	@echo "make deploy-check   render and validate deploy/k8s offline (also part of make test)"
+	@echo "make bench-backends torch vs onnx backends side by side (docs/benchmarks.md)"
+	@echo "make onnx-report    int4 ONNX export vs torch accuracy of the demo adapters (docs/onnx.md)"
 	@echo "make proto          regenerate the gRPC stubs from proto/loraplex/v1/inference.proto"
 	@echo "make bench          run loraplex bench (8 synthetic rank-8 adapters, concurrency 16) into docs/bench/"
 
@@ -88,6 +90,14 @@ serve: venv
 
 bench: venv
 	$(VENV)/bin/loraplex bench --output docs/bench
+
+# torch vs onnx backends side by side in one run (docs/benchmarks.md)
+bench-backends: venv
+	$(VENV)/bin/loraplex bench --backends torch,onnx,onnx-per-request --synthetic-adapters 32 --requests 16 --output docs/bench
+
+# ONNX export quality of the demo adapters on the real base (docs/onnx.md; minutes)
+onnx-report: venv
+	$(PY) tools/onnx_report.py --output docs/onnx/report.json
 
 clean:
 	rm -rf $(VENV) .tools build *.egg-info

@@ -26,7 +26,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -81,8 +81,6 @@ def _pick(adapters: list[str], mix: str, rng: random.Random, base: str) -> str:
 
 
 async def _one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, result: PhaseResult, on_token=None) -> None:
-    import httpx  # noqa: F401  (client is an httpx.AsyncClient)
-
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
     last = None
@@ -244,9 +242,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternate the mixed and base phases this many times (default 2)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench-results", help="folder for results.json and results.png")
+    group = parser.add_argument_group("backends", "--backends torch,onnx: the two serving backends side by side (server/bench_backends.py)")
+    group.add_argument("--backends", help="compare these backends (torch, onnx, onnx-per-request; comma-separated) instead of the mixed/base/naive phases")
+    group.add_argument("--onnx-model", help="serve this export-onnx folder for the onnx backend (default: export the base to int4 first)")
+    group.add_argument("--backend-concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[4, 8], help="aggregate throughput levels (default 4,8)")
+    group.add_argument("--single-requests", type=int, default=6, help="requests of the single-stream phase (default 6)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "backends", None):
+        from loraplex.server.bench_backends import run_backends
+
+        return run_backends(args)
     from loraplex.server.basemodel import resolve_base
     from loraplex.server.store import AdapterStore
 
@@ -263,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     return _run_phases(args, ref, store, adapters, work, out_dir)
 
 
-def _start_server(args, ref, store: Path, work: Path):
+def _start_server(args, ref, store: Path, work: Path, env: dict | None = None):
     import os
     import socket
     import subprocess
@@ -277,7 +284,7 @@ def _start_server(args, ref, store: Path, work: Path):
     cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(ref.path), "--adapters-dir", str(store), "--port", str(port), "--grpc-port", "0",
            "--log-level", "warning", "--max-batch-size", str(max(args.concurrency, 1)), "--served-model-name", "base", *args.server_args.split()]
     log = open(work / "server.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -336,7 +343,6 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
             phases["hotload"] = asyncio.run(run_load(url, "hotload", adapters=serving, mix=args.mix, during=hot_loads, on_token=lambda at, gap: token_gaps.append((at, gap)), **common))
             during = [gap for at, gap in token_gaps if any(a <= at <= b + gap for a, b in load_windows)]
             outside = [gap for at, gap in token_gaps if not any(a <= at <= b + gap for a, b in load_windows)]
-        metrics_text = httpx.get(url + "/metrics").text
     finally:
         if proc is not None:
             proc.terminate()

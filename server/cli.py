@@ -1,7 +1,8 @@
 """``loraplex``: the product's command line. One subcommand per feature; each is a thin shell
 over a library function, and user errors print one line on stderr with exit code 2.
 
-Subcommands: ``serve`` (the HTTP server), ``base`` (resolve / materialize the base and print its
+Subcommands: ``serve`` (the HTTP server), ``export-onnx`` (base + adapters -> onnxruntime-genai
+model), ``bench``, ``keys``, ``base`` (resolve / materialize the base and print its
 fingerprint) and ``adapters`` (list and inspect the adapter store). ``loraplex --help`` lists
 what exists.
 """
@@ -117,7 +118,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        print(f"loraplex serve: error: --{field.replace('_', '-')}: {first['msg']} (got {first.get('input')!r})", file=sys.stderr)
+        message = first["msg"].removeprefix("Value error, ")
+        if field:  # one flag's value
+            message = f"--{field.replace('_', '-')}: {message} (got {first.get('input')!r})"
+        print(f"loraplex serve: error: {message}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     failures: list[BaseException] = []
@@ -153,6 +157,29 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if failures:
         print(f"loraplex serve: error: {failures[0]}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    from loraplex.server.onnx.export import ExportConfig, export_onnx
+
+    def split(value: str | None) -> tuple[str, ...]:
+        return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+    config = ExportConfig(
+        output_path=Path(args.output_path),
+        model_name_or_path=args.model_name_or_path,
+        adapter_paths=tuple(Path(p) for p in split(args.adapter_paths)),
+        adapter_names=split(args.adapter_names),
+        precision=args.precision,
+        lora_targets=args.lora_targets,
+        max_lora_rank=args.max_lora_rank,
+        overwrite=args.overwrite,
+        builder_options=tuple(args.builder_option or ()),
+    )
+    manifest = export_onnx(config, say=lambda line: print(f"loraplex export-onnx: {line}", file=sys.stderr, flush=True))
+    print(json.dumps({"output_path": str(config.output_path), "precision": manifest.precision, "base_fingerprint": manifest.base_fingerprint,
+                      "adapters": [a.name for a in manifest.adapters], "lora_modules": len(manifest.lora_modules)}, indent=2))
     return 0
 
 
@@ -200,6 +227,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_module.add_arguments(bench)
     bench.set_defaults(func=lambda args: bench_module.run(args))
+
+    export = sub.add_parser(
+        "export-onnx",
+        help="export the base + adapters to one multi-adapter onnxruntime-genai model (CPU) with one .onnx_adapter per adapter",
+        description="Olive's generate-adapter flow, natively: the base with swappable LoRA inputs (empty by default, so no "
+        "adapter = the exact base), one <name>.onnx_adapter per adapter, loraplex-export.json. Plain onnxruntime-genai "
+        "(og.Model, og.Adapters, set_active_adapter) loads the result; loraplex serve --backend onnx --model DIR serves it.",
+    )
+    export.add_argument("--model_name_or_path", "--base", default="embedded", help="the base: 'embedded' (default), a model folder or a hub id")
+    export.add_argument("--adapter_paths", default="", help="comma-separated peft adapter folders (e.g. adapters/sentiment,adapters/extract)")
+    export.add_argument("--adapter_names", default="", help="comma-separated names for them (default: each folder's name)")
+    export.add_argument("--output_path", required=True, help="the model folder to write (e.g. models/multi-adapter)")
+    export.add_argument("--precision", choices=["int4", "fp32"], default="int4", help="base weights: int4 (default; LoRA stays float32) or fp32")
+    export.add_argument("--lora_targets", choices=["all", "union"], default="all",
+                        help="modules with LoRA inputs: all (every attention/MLP projection; adapters trained later fit) or union (the given adapters' modules)")
+    export.add_argument("--max_lora_rank", type=int, default=64, help="refuse adapters above this rank (default 64)")
+    export.add_argument("--overwrite", action="store_true", help="replace --output_path if it exists")
+    export.add_argument("--builder_option", action="append", metavar="KEY=VALUE",
+                        help="passed to the onnxruntime-genai model builder's extra options (repeatable), e.g. algo_config=k_quant or "
+                        "matmul_mixed_precision=last_matmul:int8; loraplex sets adapter_path and nodes_to_exclude itself")
+    export.set_defaults(func=_cmd_export_onnx)
 
     keys = sub.add_parser("keys", help="manage API keys (a YAML file of hashes): add, list, revoke")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)

@@ -91,3 +91,9 @@ class EngineFailure(LoraplexError):
     """Generation of one request failed inside the engine (a server fault, never the user's)."""
 
     code = "engine_failure"
+
+
+class ExportError(LoraplexError):
+    """``loraplex export-onnx`` could not produce the model (the builder or a check failed)."""
+
+    code = "export_failed"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -18,7 +18,16 @@ class ServerSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="HTTP port")
     grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 disables gRPC)")
-    base: str = Field("embedded", description="base model: 'embedded', a model folder or a hub id")
+    base: str = Field("embedded", description="base model: 'embedded', a model folder or a hub id (torch backend)")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="torch (transformers, CPU or CUDA) or onnx (onnxruntime-genai on CPU, serving a folder from loraplex export-onnx)"
+    )
+    model: str | None = Field(None, description="--backend onnx: the exported model folder (loraplex export-onnx --output_path)")
+    onnx_batching: Literal["mixed", "per-request"] = Field(
+        "mixed",
+        description="--backend onnx: mixed = rows of different adapters in one onnxruntime forward (model.stacked.onnx); "
+        "per-request = one onnxruntime-genai Generator per request",
+    )
     served_model_name: str | None = Field(None, description="name clients use for the bare base (default: the base id)")
     adapters_dir: str = Field("adapters", description="the adapter store")
     quantize: Literal["auto", "none", "int8", "nf4"] = Field(
@@ -49,6 +58,14 @@ class ServerSettings(BaseSettings):
         if isinstance(value, str):
             return [v.strip() for v in value.split(",") if v.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _backend_needs(self):
+        if self.backend == "onnx" and not self.model:
+            raise ValueError("--backend onnx needs --model <folder written by loraplex export-onnx>")
+        if self.backend == "torch" and self.model:
+            raise ValueError(f"--model {self.model!r} is for --backend onnx; the torch backend takes --base")
+        return self
 
     def resolved_device(self) -> str:
         if self.device != "auto":

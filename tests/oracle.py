@@ -39,3 +39,38 @@ def reference_greedy(base_dir, adapter_dir, prompt_ids, n=12, quantization_confi
     return ids[len(prompt_ids):]
 
 
+
+
+class Collector:
+    """An engine request's ``emit``: collects tokens and the finish reason."""
+
+    def __init__(self):
+        self.tokens, self.finish = [], None
+
+    def __call__(self, token, finish):
+        if token is not None:
+            self.tokens.append(token)
+        if finish is not None:
+            self.finish = finish
+
+
+def greedy_request(request_id, prompt, adapter, n):
+    """A greedy EngineRequest (ignoring EOS) and its Collector."""
+    from loraplex.server.engine.rows import EngineRequest
+    from loraplex.server.engine.sampling import SamplingParams
+
+    sink = Collector()
+    return EngineRequest(request_id, list(prompt), adapter, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), sink), sink
+
+
+def cached_oracle(base_dir, adapters: dict, n_default: int):
+    """reference_greedy memoized per (adapter name, prompt, n); adapter None = the bare base."""
+    cache = {}
+
+    def expected(adapter, prompt, n=n_default):
+        key = (adapter, tuple(prompt), n)
+        if key not in cache:
+            cache[key] = reference_greedy(base_dir, adapters[adapter] if adapter else None, prompt, n=n)
+        return cache[key]
+
+    return expected

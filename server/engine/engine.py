@@ -11,47 +11,28 @@ request when a stop string appears.
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from loraplex.server.engine.batch import KvBatch
 from loraplex.server.engine.lora import LoraBatchContext, LoraSlots, inject_multi_lora
-from loraplex.server.engine.sampling import SamplingParams, make_generator, sample_row
+from loraplex.server.engine.rows import (  # noqa: F401  (re-exported: the scheduler and service import them from here)
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineRequest,
+    Running,
+    RowEngine,
+)
+from loraplex.server.engine.sampling import make_generator, sample_row
 
 log = logging.getLogger("loraplex.engine")
 
-#: finish reasons, as the OpenAI API spells them (plus "cancelled" and "abort" for our own ends)
-FINISH_STOP, FINISH_LENGTH, FINISH_CANCELLED, FINISH_ERROR = "stop", "length", "cancelled", "error"
 
-
-@dataclass
-class EngineRequest:
-    """A tokenized request; ``emit(token_id, finish_reason)`` is called from the engine thread."""
-
-    request_id: str
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    emit: Callable[[int | None, str | None], None]
-    cancelled: bool = False
-    cancel_reason: str = FINISH_CANCELLED
-
-
-@dataclass
-class _Running:
-    request: EngineRequest
-    generator: torch.Generator | None
-    generated: int = 0
-    last_token: int = 0
-    length: int = 0  # prompt + generated tokens in the cache
-    stop_ids: frozenset[int] = field(default_factory=frozenset)
-
-
-class Engine:
-    """One base model, many adapters, one running batch."""
+class Engine(RowEngine):
+    """One base model, many adapters, one running batch (torch)."""
 
     def __init__(
         self,
@@ -62,23 +43,16 @@ class Engine:
         max_model_len: int = 2048,
         device: str = "cpu",
     ) -> None:
+        super().__init__(eos_token_ids=eos_token_ids, max_batch_size=max_batch_size, max_model_len=max_model_len)
         self.model = model
         self.device = torch.device(device)
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.max_batch_size = max_batch_size
-        self.max_model_len = max_model_len
         self.context = LoraBatchContext()
         self.layers = inject_multi_lora(model, self.context)
         param = next(p for p in model.parameters() if p.is_floating_point())
         lora_dtype = param.dtype if param.dtype in (torch.float16, torch.bfloat16) else torch.float32
         self.slot_table = LoraSlots(self.layers, self.context, dtype=lora_dtype, device=self.device)
         self.batch: KvBatch | None = None
-        self.running: list[_Running] = []
-        self.peak_batch_size = 0
         self._slot_key: tuple[int, ...] | None = None
-        # Test hook (never set in production): requests whose id contains this string fail at
-        # their third token, to prove a fault in one request leaves the others running.
-        self._fault_marker = os.environ.get("LORAPLEX_TEST_FAIL_REQUEST_ID") or None
 
     # ------------------------------------------------------------- adapters
     @property
@@ -103,10 +77,6 @@ class Engine:
         self.slot_table.remove(name)
         self._slot_key = None
 
-    def _refuse_if_busy(self, name: str) -> None:
-        if any(r.request.adapter == name for r in self.running):
-            raise RuntimeError(f"adapter {name!r} is still in use by running requests")
-
     def set_adapters(self, adapters: Sequence[tuple[str, Mapping[str, object]]]) -> None:
         """Make exactly these adapters resident (convenience over add/remove)."""
         wanted = {name for name, _ in adapters}
@@ -122,19 +92,6 @@ class Engine:
             self.context.slots = self.context.slots.to(self.device)
             self._slot_key = slots
 
-    # ---------------------------------------------------------------- state
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    def has_capacity(self) -> bool:
-        return len(self.running) < self.max_batch_size
-
-    def kv_usage(self) -> float:
-        """Fraction of the batch's token capacity in use (rows x max_model_len)."""
-        used = sum(r.length for r in self.running)
-        return used / float(self.max_batch_size * self.max_model_len)
-
     # ----------------------------------------------------------------- steps
     @torch.inference_mode()
     def prefill(self, request: EngineRequest) -> None:
@@ -149,11 +106,11 @@ class Engine:
             past_key_values=KvBatch.empty_cache(),
             use_cache=True,
         )
-        running = _Running(
+        running = Running(
             request=request,
             generator=make_generator(request.params),
             length=length,
-            stop_ids=frozenset(request.params.stop_token_ids) | (frozenset() if request.params.ignore_eos else self.eos_token_ids),
+            stop_ids=self.stop_ids_for(request.params),
         )
         token = sample_row(out.logits[0, -1], request.params, running.generator)
         row = KvBatch.from_cache(
@@ -163,22 +120,7 @@ class Engine:
         )
         if self._accept(running, token):
             self.batch = row if self.batch is None else self.batch.merge(row)
-            self.running.append(running)
-            self.peak_batch_size = max(self.peak_batch_size, len(self.running))
-
-    def _accept(self, running: _Running, token: int) -> bool:
-        """Record a sampled token; emit it (and a finish if it ends the sequence). True = continue."""
-        request = running.request
-        running.generated += 1
-        running.last_token = token
-        if token in running.stop_ids:
-            request.emit(None, FINISH_STOP)
-            return False
-        request.emit(token, None)
-        if running.generated >= request.params.max_tokens or running.length + 1 >= self.max_model_len:
-            request.emit(None, FINISH_LENGTH)
-            return False
-        return True
+            self._join(running)
 
     @torch.inference_mode()
     def decode(self) -> None:
@@ -203,37 +145,9 @@ class Engine:
         keep: list[int] = []
         for i, running in enumerate(self.running):
             running.length += 1
-            try:
-                if self._fault_marker and self._fault_marker in running.request.request_id and running.generated >= 2:
-                    raise RuntimeError("injected fault (LORAPLEX_TEST_FAIL_REQUEST_ID)")
-                token = sample_row(logits[i], running.request.params, running.generator)
-            except Exception:
-                # one row's failure ends that request only; the batch goes on
-                log.exception("request %s failed while sampling; ending it", running.request.request_id)
-                running.request.emit(None, FINISH_ERROR)
-                continue
-            if self._accept(running, token):
+            if self._advance(running, logits[i]):
                 keep.append(i)
         self._keep_rows(keep)
 
-    def _drop_cancelled(self) -> None:
-        keep = []
-        for i, running in enumerate(self.running):
-            if running.request.cancelled:
-                running.request.emit(None, running.request.cancel_reason)
-            else:
-                keep.append(i)
-        self._keep_rows(keep)
-
-    def _keep_rows(self, keep: list[int]) -> None:
-        if len(keep) == len(self.running):
-            return
-        self.running = [self.running[i] for i in keep]
-        self.batch = self.batch.select(keep) if keep else None
-
-    def fail_all(self, reason: str = FINISH_ERROR) -> None:
-        """End every running sequence (after an engine error); the engine stays usable."""
-        for running in self.running:
-            running.request.emit(None, reason)
-        self.running = []
-        self.batch = None
+    def _forget_rows(self, keep: list[int]) -> None:
+        self.batch = self.batch.select(keep) if keep and self.batch is not None else None

@@ -26,7 +26,7 @@ from loraplex.server.store.names import validate_adapter_name
 class Installer(Protocol):
     """Puts adapters into / takes them out of the engine (on its thread, between steps)."""
 
-    async def add(self, name: str, modules: Mapping[str, object]) -> None: ...
+    async def add(self, name: str, adapter: ValidatedAdapter) -> None: ...
 
     async def remove(self, name: str) -> None: ...
 
@@ -61,13 +61,14 @@ class AdapterEntry:
             "requests_served": self.requests_served,
             "running_requests": self.refcount,
             "loaded_at": self.loaded_at,
+            "load_ms": round(self.load_seconds * 1000, 2) if self.load_seconds is not None else None,
             "last_error": self.error,
         }
         if self.adapter is not None:
             a = self.adapter
             info.update(
                 rank=a.max_rank,
-                target_modules=sorted({m.rsplit(".", 1)[-1] for m in a.modules}),
+                target_modules=sorted({m.rsplit(".", 1)[-1] for m in a.module_names}),
                 size_bytes=a.size_bytes,
                 sha256=a.weights_sha256,
                 base_fingerprint=a.manifest.base_fingerprint if a.manifest else None,
@@ -87,6 +88,8 @@ class AdapterRegistry:
         max_lora_rank: int,
         allow_external_paths: bool = False,
         on_event: Callable[[str, AdapterEntry], None] | None = None,
+        exported: Mapping[str, Path] | None = None,
+        validator: Callable[[Path, str], ValidatedAdapter] | None = None,
     ) -> None:
         self.store = store
         self.base = base
@@ -94,6 +97,11 @@ class AdapterRegistry:
         self.max_loras = max_loras
         self.max_lora_rank = max_lora_rank
         self.allow_external_paths = allow_external_paths
+        # adapters that come with the served model (``.onnx_adapter`` files of an ONNX export);
+        # a store folder of the same name wins (it is the source those files were made from)
+        self.exported = dict(exported or {})
+        # the backend's gate (default: full validation of the tensors against the base shapes)
+        self.validator = validator or (lambda path, name: load_validated_adapter(path, name, self.base, max_lora_rank=self.max_lora_rank))
         self.entries: dict[str, AdapterEntry] = {}
         self.on_event = on_event or (lambda kind, entry: None)
         self._install_lock = asyncio.Lock()
@@ -102,10 +110,12 @@ class AdapterRegistry:
     # ------------------------------------------------------------ discovery
     def scan(self) -> None:
         """Register adapters present in the store; forget vanished ones that are not in memory."""
-        present = set(self.store.names())
+        in_store = set(self.store.names())
+        present = in_store | set(self.exported)
         for name in present:
             if name not in self.entries:
-                self.entries[name] = AdapterEntry(name=name, path=self.store.root / name)
+                path = self.store.root / name if name in in_store else self.exported[name]
+                self.entries[name] = AdapterEntry(name=name, path=path)
         for name in list(self.entries):
             entry = self.entries[name]
             if name not in present and entry.state != AdapterState.RESIDENT and entry.path.parent == self.store.root:
@@ -150,12 +160,10 @@ class AdapterRegistry:
             entry.state, entry.error = AdapterState.LOADING, None
             started = time.perf_counter()
             try:
-                validated = await asyncio.to_thread(
-                    load_validated_adapter, entry.path, name, self.base, max_lora_rank=self.max_lora_rank
-                )
+                validated = await asyncio.to_thread(self.validator, entry.path, name)
                 async with self._install_lock:
                     await self._make_room(exclude=name)
-                    await self.installer.add(name, validated.modules)
+                    await self.installer.add(name, validated)
                     entry.adapter = validated
                     entry.state = AdapterState.RESIDENT
             except LoraplexError as exc:
@@ -231,7 +239,7 @@ class AdapterRegistry:
 
         changed = []
         for entry in self.resident():
-            weights = entry.path / ADAPTER_WEIGHTS
+            weights = entry.path if entry.path.is_file() else entry.path / ADAPTER_WEIGHTS
             try:
                 current = await asyncio.to_thread(sha256_file, weights)
             except OSError:

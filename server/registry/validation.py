@@ -7,6 +7,9 @@ files are never opened) or the file is corrupt/truncated; its manifest's base fi
 from the loaded base; a module's rank exceeds ``max_lora_rank``; a targeted module does not exist
 in the base; a tensor's shape does not fit the base layer; a module has only one of A and B.
 
+``.onnx_adapter`` files (from ``loraplex export-onnx``) pass the same module, shape, rank and
+finiteness checks after their tensors are mapped back to A and B.
+
 The result holds plain tensors per module (A: [r, in], B: [out, r], and the scale), which the
 engine stacks into its slots. Nothing here mutates the model.
 """
@@ -22,6 +25,7 @@ from typing import Mapping
 from loraplex.server.errors import AdapterInvalid, AdapterNotFound
 from loraplex.server.store import ADAPTER_WEIGHTS, AdapterManifest, AdapterStore, LoraSpec, read_lora_spec, read_manifest, sha256_file
 from loraplex.server.store.names import validate_adapter_name
+from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, module_of_graph_tensor, read_onnx_adapter
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
@@ -33,6 +37,7 @@ class BaseShapes:
 
     fingerprint: str
     linear_shapes: Mapping[str, tuple[int, int]]  # full module name -> (in_features, out_features)
+    missing_module_hint: str = "does not exist in the base (or is not a Linear layer)"
 
     @classmethod
     def from_model(cls, model, fingerprint: str) -> "BaseShapes":
@@ -43,6 +48,17 @@ class BaseShapes:
             if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
                 shapes[name] = (module.in_features, module.out_features)
         return cls(fingerprint=fingerprint, linear_shapes=shapes)
+
+    @classmethod
+    def from_config(cls, model_dir: Path, fingerprint: str) -> "BaseShapes":
+        """The same, from config.json alone (the model is built on the meta device: no weights)."""
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(model_dir))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        return cls.from_model(model, fingerprint)
 
 
 @dataclass(frozen=True)
@@ -62,15 +78,24 @@ class LoraModuleWeights:
 class ValidatedAdapter:
     name: str
     path: Path
-    spec: LoraSpec
+    spec: LoraSpec | None  # None for an .onnx_adapter file
     manifest: AdapterManifest | None
-    modules: Mapping[str, LoraModuleWeights]
+    modules: Mapping[str, LoraModuleWeights]  # empty when a backend's cache vouches for the adapter (see artifact)
     weights_sha256: str
     size_bytes: int
+    # a file the backend loads as is (an .onnx_adapter), with what validation found when the
+    # tensors were checked (used when ``modules`` is empty)
+    artifact: Path | None = None
+    summary_rank: int | None = None
+    summary_modules: tuple[str, ...] = ()
 
     @property
     def max_rank(self) -> int:
-        return max(m.rank for m in self.modules.values())
+        return max(m.rank for m in self.modules.values()) if self.modules else int(self.summary_rank or 0)
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.modules)) if self.modules else self.summary_modules
 
 
 def resolve_adapter_path(store: AdapterStore, name: str, path: str | None, *, allow_external: bool) -> Path:
@@ -117,8 +142,18 @@ def _read_tensors(weights: Path) -> dict[str, object]:
         raise AdapterInvalid(f"{weights}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
 
 
-def load_validated_adapter(folder: Path, name: str, base: BaseShapes, *, max_lora_rank: int) -> ValidatedAdapter:
-    """Read and check an adapter folder against the base; raise AdapterInvalid on any mismatch."""
+def load_validated_adapter(path: Path, name: str, base: BaseShapes, *, max_lora_rank: int) -> ValidatedAdapter:
+    """Read and check an adapter against the base; raise AdapterInvalid on any mismatch.
+
+    ``path`` is a peft folder, or an ``.onnx_adapter`` file written by ``loraplex export-onnx``
+    (A^T and scaled B^T per module; read back as A, B with scale 1).
+    """
+    if path.is_file() and path.suffix == ONNX_ADAPTER_SUFFIX:
+        return _load_onnx_adapter_file(path, name, base, max_lora_rank=max_lora_rank)
+    return _load_peft_folder(path, name, base, max_lora_rank=max_lora_rank)
+
+
+def _load_peft_folder(folder: Path, name: str, base: BaseShapes, *, max_lora_rank: int) -> ValidatedAdapter:
     import torch
 
     spec = read_lora_spec(folder)
@@ -141,6 +176,8 @@ def load_validated_adapter(folder: Path, name: str, base: BaseShapes, *, max_lor
             f"adapter {name!r}: {ADAPTER_WEIGHTS} has sha256 {weights_sha256[:16]}..., the manifest says "
             f"{manifest.weights_sha256[:16]}... (file replaced or corrupted)"
         )
+    if spec.fan_in_fan_out:
+        raise AdapterInvalid(f"adapter {name!r}: fan_in_fan_out=true (Conv1D-style weights) is not supported")
     tensors = _read_tensors(weights)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -148,29 +185,7 @@ def load_validated_adapter(folder: Path, name: str, base: BaseShapes, *, max_lor
         if not match:
             raise AdapterInvalid(f"adapter {name!r}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported; no embeddings or modules_to_save)")
         pairs.setdefault(match["module"], {})[match["kind"]] = tensor
-    if not pairs:
-        raise AdapterInvalid(f"adapter {name!r}: {ADAPTER_WEIGHTS} holds no LoRA tensors")
-    modules: dict[str, LoraModuleWeights] = {}
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"A", "B"}:
-            raise AdapterInvalid(f"adapter {name!r}: module {module} has lora_{''.join(pair)} but not both A and B")
-        if module not in base.linear_shapes:
-            raise AdapterInvalid(f"adapter {name!r}: target module {module} does not exist in the base (or is not a Linear layer)")
-        a, b = pair["A"], pair["B"]
-        if spec.fan_in_fan_out:
-            raise AdapterInvalid(f"adapter {name!r}: fan_in_fan_out=true (Conv1D-style weights) is not supported")
-        in_features, out_features = base.linear_shapes[module]
-        rank = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or b.shape[1] != rank:
-            raise AdapterInvalid(
-                f"adapter {name!r}: module {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
-                f"the base layer needs A (r, {in_features}) and B ({out_features}, r)"
-            )
-        if rank > max_lora_rank:
-            raise AdapterInvalid(f"adapter {name!r}: module {module} has rank {rank}, above --max-lora-rank {max_lora_rank}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterInvalid(f"adapter {name!r}: module {module} has NaN or infinite weights")
-        modules[module] = LoraModuleWeights(a=a.float(), b=b.float(), scale=_scale_for(spec, module, rank))
+    modules = _check_modules(name, pairs, base, max_lora_rank=max_lora_rank, scale_of=lambda module, rank: _scale_for(spec, module, rank))
     return ValidatedAdapter(
         name=name,
         path=folder,
@@ -180,3 +195,55 @@ def load_validated_adapter(folder: Path, name: str, base: BaseShapes, *, max_lor
         weights_sha256=weights_sha256,
         size_bytes=weights.stat().st_size,
     )
+
+
+def _load_onnx_adapter_file(path: Path, name: str, base: BaseShapes, *, max_lora_rank: int) -> ValidatedAdapter:
+    import torch
+
+    arrays = read_onnx_adapter(path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, array in arrays.items():
+        module, kind = module_of_graph_tensor(key)
+        if array.ndim != 2:
+            raise AdapterInvalid(f"adapter {name!r}: tensor {key} has shape {tuple(array.shape)}; expected 2 dimensions")
+        pairs.setdefault(module, {})[kind] = torch.from_numpy(array.astype("float32").T.copy())  # back to A [r, in], B [out, r]
+    modules = _check_modules(name, pairs, base, max_lora_rank=max_lora_rank, scale_of=lambda module, rank: 1.0)
+    return ValidatedAdapter(
+        name=name,
+        path=path,
+        spec=None,
+        manifest=None,
+        modules=modules,
+        weights_sha256=sha256_file(path),
+        size_bytes=path.stat().st_size,
+    )
+
+
+def _check_modules(name: str, pairs, base: BaseShapes, *, max_lora_rank: int, scale_of) -> dict[str, LoraModuleWeights]:
+    """Shape, rank, target and finiteness checks shared by every adapter format."""
+    import torch
+
+    if not pairs:
+        raise AdapterInvalid(f"adapter {name!r} holds no LoRA tensors")
+    modules: dict[str, LoraModuleWeights] = {}
+    for module, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise AdapterInvalid(f"adapter {name!r}: module {module} has lora_{''.join(pair)} but not both A and B")
+        if module not in base.linear_shapes:
+            raise AdapterInvalid(f"adapter {name!r}: target module {module} {base.missing_module_hint}")
+        a, b = pair["A"], pair["B"]
+        in_features, out_features = base.linear_shapes[module]
+        rank = a.shape[0] if a.dim() == 2 else -1
+        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != in_features or b.shape[0] != out_features or b.shape[1] != rank:
+            raise AdapterInvalid(
+                f"adapter {name!r}: module {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}; "
+                f"the base layer needs A (r, {in_features}) and B ({out_features}, r)"
+            )
+        if rank > max_lora_rank:
+            raise AdapterInvalid(f"adapter {name!r}: module {module} has rank {rank}, above --max-lora-rank {max_lora_rank}")
+        if rank == 0:
+            raise AdapterInvalid(f"adapter {name!r}: module {module} has rank 0")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterInvalid(f"adapter {name!r}: module {module} has NaN or infinite weights")
+        modules[module] = LoraModuleWeights(a=a.float(), b=b.float(), scale=scale_of(module, rank))
+    return modules

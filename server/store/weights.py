@@ -12,3 +12,17 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+_SHA_MEMO: dict[tuple[int, int, int, int], str] = {}
+
+
+def sha256_file_memo(path: str | Path) -> str:
+    """``sha256_file`` remembered per (device, inode, size, mtime) for this process: a file
+    republished by atomic rename is a new inode and is hashed again."""
+    st = Path(path).stat()
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    digest = _SHA_MEMO.get(key)
+    if digest is None:
+        digest = _SHA_MEMO[key] = sha256_file(path)
+    return digest

@@ -81,3 +81,13 @@ class ServerProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def complete(srv, model, prompt, n, **extra):
+    """A greedy /v1/completions call (EOS ignored) with token-id prompts."""
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, **extra}
+    return httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
+
+
+def text_of(tokenizer, ids):
+    return tokenizer.decode(ids, skip_special_tokens=True)

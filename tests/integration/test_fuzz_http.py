@@ -3,7 +3,6 @@ answer is a clean 2xx/4xx with the OpenAI error shape, never a 500, and the serv
 
 from __future__ import annotations
 
-import shutil
 
 import httpx
 import pytest

@@ -5,7 +5,6 @@ rate limits with Retry-After."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 import time
 

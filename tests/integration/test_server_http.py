@@ -12,8 +12,9 @@ import httpx
 import pytest
 
 from loraplex.server.store import AdapterManifest, sha256_file, write_manifest
-from tests.integration.server_harness import ServerProcess
-from tests.oracle import make_random_adapter, reference_greedy
+from tests.integration.server_harness import ServerProcess, text_of
+from tests.integration.server_harness import complete as harness_complete
+from tests.oracle import cached_oracle, make_random_adapter
 
 N = 16
 PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404], [1, 77], [1, 5000, 6000, 7000], [1, 12, 13], [1, 2000, 2001], [1, 31, 32, 33, 34]]
@@ -35,15 +36,7 @@ def pool(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(tiny_base, pool):
-    cache = {}
-
-    def expected(adapter, prompt, n=N):
-        key = (adapter, tuple(prompt), n)
-        if key not in cache:
-            cache[key] = reference_greedy(tiny_base, pool[adapter] if adapter else None, prompt, n=n)
-        return cache[key]
-
-    return expected
+    return cached_oracle(tiny_base, pool, N)
 
 
 def _store(tmp_path_factory, pool, names, label="store"):
@@ -63,12 +56,7 @@ def server(tiny_base, pool, tmp_path_factory):
 
 
 def complete(srv, model, prompt, n=N, **extra):
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True, **extra}
-    return httpx.post(srv.url + "/v1/completions", json=body, timeout=120)
-
-
-def text_of(tokenizer, ids):
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return harness_complete(srv, model, prompt, n, **extra)
 
 
 # --------------------------------------------------------------------------- correctness

@@ -9,13 +9,11 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.server_harness import ServerProcess

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
 import torch
 
 from loraplex.server.store import AdapterStore, read_lora_spec, read_manifest, sha256_file

@@ -75,3 +75,51 @@ def test_committed_demo_adapter_is_what_its_manifest_says(embedded, name, metric
     predictions = generate_greedy(model, tokenizer, [s["prompt"] for s in held_out], max_new_tokens=40, batch_size=6)
     correct = sum(normalize_answer(p) == normalize_answer(s["reference"]) for p, s in zip(predictions, held_out))
     assert correct >= 4, list(zip(predictions, [s["reference"] for s in held_out]))
+
+
+@pytest.fixture(scope="module")
+def demo_fp32_export(tmp_path_factory):
+    from loraplex.server.cli import main as loraplex_main
+
+    out = tmp_path_factory.mktemp("demo-onnx") / "fp32"
+    paths = ",".join(str(REPO / "adapters" / n) for n in ("sentiment", "extract", "datefmt"))
+    assert loraplex_main(["export-onnx", "--adapter_paths", paths, "--output_path", str(out), "--precision", "fp32"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo_peft(embedded):
+    """peft's PeftModel over the real base with the three demo adapters (the reference)."""
+    from peft import PeftModel
+
+    ref, _, _ = embedded
+    model = PeftModel.from_pretrained(load_base_model(ref), str(REPO / "adapters" / "sentiment"), adapter_name="sentiment")
+    for name in ("extract", "datefmt"):
+        model.load_adapter(str(REPO / "adapters" / name), adapter_name=name)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", [None, "sentiment", "extract", "datefmt"])
+def test_onnx_fp32_export_of_the_demo_adapters_matches_peft(embedded, demo_peft, demo_fp32_export, name):
+    """Plain onnxruntime-genai on the fp32 export: the greedy tokens (up to EOS, at most 20) equal
+    peft's generate() for every demo adapter and the bare base, on held-out prompts of each task."""
+    import contextlib
+
+    import torch
+
+    from tests.integration.test_onnx_export import og_greedy
+
+    _, tokenizer, _ = embedded
+    for task in ("sentiment", "extract", "datefmt"):
+        sample = json.loads((REPO / "adapters" / task / "training_report.json").read_text())["eval_samples"][0]
+        prompt = tokenizer(sample["prompt"], add_special_tokens=False)["input_ids"]
+        if name is None:
+            scope = demo_peft.disable_adapter()
+        else:
+            demo_peft.set_adapter(name)
+            scope = contextlib.nullcontext()
+        with scope, torch.no_grad():
+            ids = torch.tensor([prompt])
+            out = demo_peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+        expected = out[0, len(prompt):].tolist()
+        assert og_greedy(demo_fp32_export, name, prompt, n=20) == expected, (name, task)

@@ -4,13 +4,12 @@ greedy, recomputing the whole sequence each step (no KV cache). Mixed batches, j
 from __future__ import annotations
 
 import pytest
-import torch
 
 from loraplex.server.basemodel import compute_fingerprint
 from loraplex.server.engine.engine import Engine, EngineRequest
 from loraplex.server.engine.sampling import SamplingParams
 from loraplex.server.registry import BaseShapes, load_validated_adapter
-from tests.oracle import make_random_adapter, reference_greedy
+from tests.oracle import Collector, greedy_request, make_random_adapter, reference_greedy
 
 N_TOKENS = 12
 
@@ -36,20 +35,8 @@ def _engine(tiny_base, adapters, **kwargs):
     return engine
 
 
-class Collector:
-    def __init__(self):
-        self.tokens, self.finish = [], None
-
-    def __call__(self, token, finish):
-        if token is not None:
-            self.tokens.append(token)
-        if finish is not None:
-            self.finish = finish
-
-
 def _request(rid, prompt, adapter, n=N_TOKENS):
-    sink = Collector()
-    return EngineRequest(rid, prompt, adapter, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), sink), sink
+    return greedy_request(rid, prompt, adapter, n)
 
 
 PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404, 405, 406], [1, 77], [1, 5000, 6000, 7000]]

@@ -1,0 +1,135 @@
+"""The onnx backend's adapter gate: validation + conversion to ``.onnx_adapter``, remembered.
+
+Every adapter goes through the same checks as on the torch backend (``load_validated_adapter``
+against the base shapes the export recorded). A peft adapter is then converted into an
+``.onnx_adapter`` file (``A^T``, ``(scale * B)^T``); an ``.onnx_adapter`` exported with the model
+is used as it is. The outcome is stored in a cache keyed by everything the checks depend on:
+the sha256 of the weights, the bytes of ``adapter_config.json`` and ``loraplex.json``, the base
+fingerprint, the exported graph's LoRA modules and ``--max-lora-rank``. A second load of the
+same bytes (after an eviction, an unload, a restart) is then a hash lookup plus onnxruntime-genai's
+own load: the expensive part of conversion, onnxruntime's adapter writer, runs once per
+adapter version. Any change to those inputs is a different key, so a hit is exactly what a full
+validation would conclude.
+
+Runs in worker threads; knows nothing of engines, HTTP or gRPC.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from loraplex.server.registry.validation import BaseShapes, ValidatedAdapter, load_validated_adapter
+from loraplex.server.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, read_manifest
+from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, onnx_adapter_arrays, write_onnx_adapter
+from loraplex.server.store.weights import sha256_file_memo
+
+
+def default_adapter_cache(fingerprint: str) -> Path:
+    """``<LORAPLEX_CACHE>/onnx-adapters/<base fingerprint>/``, or the same under the temp dir
+    when the cache is read-only (a container image's baked-in cache)."""
+    from loraplex.server.basemodel.cache import cache_root
+
+    preferred = cache_root() / "onnx-adapters" / fingerprint
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / "loraplex-onnx-adapters" / fingerprint
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def release_free_memory() -> None:
+    """Ask glibc to return freed heap pages to the OS (a no-op elsewhere). Conversions run in
+    worker threads whose malloc arenas otherwise keep their temporaries resident."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class OnnxAdapterGate:
+    """``gate(path, name) -> ValidatedAdapter`` with ``artifact`` set to the file to load."""
+
+    def __init__(self, base: BaseShapes, *, max_lora_rank: int, cache_dir: Path) -> None:
+        self.base = base
+        self.max_lora_rank = max_lora_rank
+        self.cache_dir = Path(cache_dir)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        modules = hashlib.sha256("\n".join(f"{m}:{s}" for m, s in sorted(base.linear_shapes.items())).encode()).hexdigest()
+        self._context = f"{base.fingerprint}|{modules}|{max_lora_rank}"
+
+    def _key(self, path: Path) -> tuple[str, str, int] | None:
+        """(cache key, weights sha256, weights size), or None when the folder is not even shaped
+        like an adapter (the full validation then reports what is wrong)."""
+        if path.is_file() and path.suffix == ONNX_ADAPTER_SUFFIX:
+            weights, extra = path, b""
+        else:
+            weights = path / ADAPTER_WEIGHTS
+            config = path / ADAPTER_CONFIG
+            if not (weights.is_file() and config.is_file()):
+                return None
+            manifest = path / MANIFEST
+            extra = config.read_bytes() + b"\0" + (manifest.read_bytes() if manifest.is_file() else b"")
+        sha = sha256_file_memo(weights)
+        key = hashlib.sha256(self._context.encode() + b"\0" + sha.encode() + b"\0" + extra).hexdigest()[:40]
+        return key, sha, weights.stat().st_size
+
+    def __call__(self, path: Path, name: str) -> ValidatedAdapter:
+        keyed = self._key(path)
+        if keyed is not None:
+            key, sha, size = keyed
+            record, artifact = self.cache_dir / f"{key}.json", self.cache_dir / f"{key}{ONNX_ADAPTER_SUFFIX}"
+            hit = self._from_record(record, artifact, path, name, sha, size)
+            if hit is not None:
+                return hit
+        validated = load_validated_adapter(path, name, self.base, max_lora_rank=self.max_lora_rank)
+        if keyed is None:  # pragma: no cover - load_validated_adapter has raised for such folders
+            raise RuntimeError(f"adapter {name!r} validated without a weights file")
+        if path.is_file():
+            artifact = path  # an exported .onnx_adapter: loaded as it is
+        else:
+            write_onnx_adapter(artifact, onnx_adapter_arrays(validated.modules))
+        self._write_record(record, artifact, validated)
+        result = replace(validated, modules={}, artifact=artifact, summary_rank=validated.max_rank, summary_modules=validated.module_names)
+        del validated
+        release_free_memory()  # the conversion's temporaries (several times the adapter) go back to the OS
+        return result
+
+    def _from_record(self, record: Path, artifact: Path, path: Path, name: str, sha: str, size: int) -> ValidatedAdapter | None:
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return None
+        target = Path(data.get("artifact", ""))
+        if not target.is_file() or (target != path and target != artifact):
+            return None
+        return ValidatedAdapter(
+            name=name,
+            path=path,
+            spec=None,
+            manifest=read_manifest(path) if path.is_dir() else None,
+            modules={},
+            weights_sha256=sha,
+            size_bytes=size,
+            artifact=target,
+            summary_rank=int(data["rank"]),
+            summary_modules=tuple(data["modules"]),
+        )
+
+    def _write_record(self, record: Path, artifact: Path, validated: ValidatedAdapter) -> None:
+        data = {"artifact": str(artifact), "rank": validated.max_rank, "modules": list(validated.module_names), "weights_sha256": validated.weights_sha256}
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.cache_dir)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh)
+        os.replace(tmp, record)

@@ -1,0 +1,114 @@
+"""The ``.onnx_adapter`` format: one LoRA adapter as onnxruntime's adapter file, for a model
+exported by ``loraplex export-onnx``.
+
+The exported graph computes ``y = x @ W + (x @ A_in) @ B_in`` per targeted module, with
+``A_in`` and ``B_in`` optional graph inputs named after the module as the onnxruntime-genai
+model builder names it (``model.layers.N.attn.q_proj.lora_A.weight``; the builder says ``attn``
+where Hugging Face says ``self_attn``). An adapter file therefore holds, per module,
+``A^T`` ([in, r]) and ``(scale * B)^T`` ([r, out]), in the graph's float dtype (float32 on CPU).
+
+This module owns the naming rule both ways and reading/writing such files (onnxruntime's own
+``AdapterFormat``). It knows nothing of graphs, engines or servers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from loraplex.server.errors import AdapterInvalid
+
+ONNX_ADAPTER_SUFFIX = ".onnx_adapter"
+
+_HF_MODULE = re.compile(r"^(?P<prefix>.*\.layers\.\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>[A-Za-z0-9_]+)$")
+_GRAPH_TENSOR = re.compile(r"^(?P<prefix>.*\.layers\.\d+)\.(?P<block>attn|mlp)\.(?P<proj>[A-Za-z0-9_]+)\.lora_(?P<kind>[AB])\.weight$")
+
+
+def graph_tensor_names(module: str) -> tuple[str, str]:
+    """Graph input names (A, B) for a Hugging Face module name such as
+    ``model.layers.3.self_attn.q_proj``; raises AdapterInvalid for modules outside a decoder
+    layer's attention or MLP (the builder adds LoRA nowhere else)."""
+    match = _HF_MODULE.match(module)
+    if not match:
+        raise AdapterInvalid(f"module {module!r} cannot carry LoRA in an exported ONNX model (only attention and MLP projections of decoder layers can)")
+    block = "attn" if match["block"] == "self_attn" else "mlp"
+    stem = f"{match['prefix']}.{block}.{match['proj']}"
+    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
+
+
+def module_of_graph_tensor(name: str) -> tuple[str, str]:
+    """(Hugging Face module name, "A" or "B") for a graph LoRA tensor name."""
+    match = _GRAPH_TENSOR.match(name)
+    if not match:
+        raise AdapterInvalid(f"tensor {name!r} is not a LoRA weight of an exported model (expected model.layers.N.(attn|mlp).X.lora_(A|B).weight)")
+    block = "self_attn" if match["block"] == "attn" else "mlp"
+    return f"{match['prefix']}.{block}.{match['proj']}", match["kind"]
+
+
+def onnx_adapter_arrays(modules: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Graph-input arrays for validated modules (objects with ``a`` [r, in], ``b`` [out, r] and
+    ``scale``, as torch tensors): ``A^T`` and ``(scale * B)^T``, float32, C-contiguous."""
+    arrays: dict[str, np.ndarray] = {}
+    for module, weights in modules.items():
+        a_name, b_name = graph_tensor_names(module)
+        a = weights.a.detach().float().cpu().numpy()
+        b = weights.b.detach().float().cpu().numpy() * np.float32(weights.scale)
+        arrays[a_name] = np.ascontiguousarray(a.T, dtype=np.float32)
+        arrays[b_name] = np.ascontiguousarray(b.T, dtype=np.float32)
+    return arrays
+
+
+def write_onnx_adapter(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write an onnxruntime adapter file atomically (temp file + rename)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()})
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=ONNX_ADAPTER_SUFFIX, dir=path.parent)
+    os.close(fd)
+    try:
+        fmt.export_adapter(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; served files must be readable by the server's user
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:
+    """The parameters of an onnxruntime adapter file; AdapterInvalid when it cannot be read."""
+    import onnxruntime as ort
+
+    try:
+        fmt = ort.AdapterFormat.read_adapter(str(path))
+        parameters = fmt.get_parameters()
+        return {name: np.array(value.numpy(), copy=True) for name, value in parameters.items()}  # copies: the OrtValues own the memory
+    except Exception as exc:  # onnxruntime raises its own exception types for a corrupt file
+        raise AdapterInvalid(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+
+
+class OnnxAdapterTensors:
+    """An adapter file's tensors as numpy VIEWS of onnxruntime's own buffers (no copy), valid
+    while this object lives: for copying straight into other memory (the onnx backend's stacks)."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime as ort
+
+        try:
+            self._format = ort.AdapterFormat.read_adapter(str(path))
+            self._values = self._format.get_parameters()
+        except Exception as exc:
+            raise AdapterInvalid(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__})") from exc
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: value.numpy() for name, value in self._values.items()}

@@ -1,0 +1,112 @@
+"""The onnx backend's mixed-adapter batch engine (model.stacked.onnx on an onnxruntime session,
+driven directly, as the scheduler does): rows of different adapters and prompt lengths decode
+in one forward while rows join and leave, slots are reused by smaller ranks and the stacks grow;
+every sequence equals peft's PeftModel with its single adapter (tests/oracle.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraplex.server.cli import main as loraplex_main
+from tests.oracle import greedy_request, make_random_adapter, reference_greedy
+
+PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404], [1, 77], [1, 5000, 6000, 7000, 12, 13, 14, 15], [1, 12, 13]]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_base, tmp_path_factory):
+    root = tmp_path_factory.mktemp("stacked")
+    adapters = {
+        "r8": make_random_adapter(tiny_base, root / "r8", seed=51, r=8),
+        "r2": make_random_adapter(tiny_base, root / "r2", seed=52, r=2, targets=("q_proj", "o_proj", "up_proj")),
+        "r4": make_random_adapter(tiny_base, root / "r4", seed=53, r=4),
+        "r1": make_random_adapter(tiny_base, root / "r1", seed=54, r=1, targets=("v_proj",)),
+    }
+    model = root / "model"
+    assert loraplex_main(["export-onnx", "--base", str(tiny_base), "--adapter_paths", ",".join(str(p) for p in adapters.values()),
+                          "--output_path", str(model), "--precision", "fp32"]) == 0
+    return model, adapters
+
+
+def _engine(model, **kw):
+    from loraplex.server.onnx.stacked import StackedOnnxEngine
+
+    return StackedOnnxEngine(model, "model.stacked.onnx", eos_token_ids=[], max_batch_size=kw.get("max_batch_size", 8), max_model_len=256)
+
+
+def _arrays(model, name):
+    from loraplex.server.store.onnx_adapter import read_onnx_adapter
+
+    return read_onnx_adapter(model / f"{name}.onnx_adapter")
+
+
+def _request(i, adapter, prompt, n):
+    return greedy_request(f"r{i}", prompt, adapter, n)
+
+
+def _run(engine, arrivals):
+    """arrivals: step -> requests; one prefill per request, then decode steps until all finish."""
+    step = 0
+    while step in arrivals or engine.num_running or any(s > step for s in arrivals):
+        for request in arrivals.get(step, []):
+            engine.prefill(request)
+        if engine.num_running:
+            engine.decode()
+        step += 1
+
+
+def test_mixed_batch_with_joins_and_leaves_matches_peft(setup, tiny_base):
+    model, adapters = setup
+    engine = _engine(model)
+    for name in ("r8", "r2", "r4"):
+        engine.add_adapter_arrays(name, _arrays(model, name))
+    plan = [("r8", 0, 6), ("r2", 0, 12), (None, 1, 9), ("r4", 3, 12), ("r8", 3, 5), ("r2", 7, 10)]
+    arrivals, sinks = {}, []
+    for i, (adapter, step, n) in enumerate(plan):
+        request, sink = _request(i, adapter, PROMPTS[i], n)
+        arrivals.setdefault(step, []).append(request)
+        sinks.append(sink)
+    _run(engine, arrivals)
+    assert engine.peak_batch_size >= 4  # rows of different adapters really shared forwards
+    for i, (adapter, _, n) in enumerate(plan):
+        assert sinks[i].finish == "length"
+        assert sinks[i].tokens == reference_greedy(tiny_base, adapters[adapter] if adapter else None, PROMPTS[i], n=n), plan[i]
+    assert engine.past == [] and engine.width == 0  # everything left: no KV kept
+
+
+def test_slot_reuse_by_a_smaller_rank_and_growth(setup, tiny_base):
+    model, adapters = setup
+    engine = _engine(model)
+    engine.add_adapter_arrays("r8", _arrays(model, "r8"))
+    slot = engine.slot_of["r8"]
+    engine.remove_adapter("r8")
+    engine.add_adapter_arrays("r1", _arrays(model, "r1"))  # takes r8's slot: no stale rank-8 columns may remain
+    assert engine.slot_of["r1"] == slot
+    for name in ("r2", "r4", "r8"):  # more adapters than the first capacity: stacks grow
+        engine.add_adapter_arrays(name, _arrays(model, name))
+    assert engine.num_slots > 3
+    plan = [("r1", PROMPTS[0]), ("r8", PROMPTS[1]), ("r2", PROMPTS[2]), ("r4", PROMPTS[3])]
+    arrivals, sinks = {0: []}, []
+    for i, (adapter, prompt) in enumerate(plan):
+        request, sink = _request(i, adapter, prompt, 8)
+        arrivals[0].append(request)
+        sinks.append(sink)
+    _run(engine, arrivals)
+    for (adapter, prompt), sink in zip(plan, sinks):
+        assert sink.tokens == reference_greedy(tiny_base, adapters[adapter], prompt, n=8), adapter
+
+
+def test_busy_adapter_cannot_be_removed_and_cancel_frees_the_row(setup):
+    model, _ = setup
+    engine = _engine(model)
+    engine.add_adapter_arrays("r4", _arrays(model, "r4"))
+    request, sink = _request(0, "r4", PROMPTS[0], 50)
+    engine.prefill(request)
+    engine.decode()
+    with pytest.raises(RuntimeError, match="still in use"):
+        engine.remove_adapter("r4")
+    request.cancelled = True
+    engine.remove_adapter("r4")  # the cancelled row leaves first, then the slot is freed
+    assert sink.finish == "cancelled" and engine.num_running == 0 and "r4" not in engine.resident_adapters
+    with pytest.raises(ValueError, match="no LoRA input"):
+        engine.add_adapter_arrays("bad", {"model.layers.9.attn.q_proj.lora_A.weight": _arrays(model, "r4")["model.layers.0.attn.q_proj.lora_A.weight"]})
