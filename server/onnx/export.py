@@ -147,6 +147,10 @@ def export_onnx(config: ExportConfig, *, say: Callable[[str], None] = print) -> 
     if output.exists() and any(output.iterdir()) and not config.overwrite:
         raise RequestInvalid(f"--output_path {output} exists and is not empty (pass --overwrite to replace it)", param="output_path")
     ref = resolve_base(config.model_name_or_path)
+    for source in (ref.path, *config.adapter_paths):  # --overwrite must never delete an input
+        real_out, real_src = os.path.realpath(output), os.path.realpath(source)
+        if os.path.commonpath([real_out, real_src]) in (real_out, real_src):
+            raise RequestInvalid(f"--output_path {output} overlaps the input {source}; choose another folder", param="output_path")
     say(f"base: {ref.id} (fingerprint {ref.fingerprint}, {ref.path})")
     shapes = BaseShapes.from_config(ref.path, ref.fingerprint)
 
@@ -215,10 +219,15 @@ def export_onnx(config: ExportConfig, *, say: Callable[[str], None] = print) -> 
         )
         write_export_manifest(build, manifest)
         _check_loads(build, exported)
+        previous = work / "previous"
         if output.exists():
-            trash = work / "previous"
-            os.replace(output, trash)
-        os.replace(build, output)
+            os.replace(output, previous)
+        try:
+            os.replace(build, output)
+        except OSError:
+            if previous.exists():  # put the old model back before the work folder goes
+                os.replace(previous, output)
+            raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     say(f"wrote {output}: model.onnx ({_size(output)}), {len(exported)} adapter file(s), {len(modules)} LoRA modules")

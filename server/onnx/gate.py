@@ -23,6 +23,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+from loraplex.server import __version__
+from loraplex.server.errors import AdapterInvalid
 from loraplex.server.registry.validation import BaseShapes, ValidatedAdapter, load_validated_adapter
 from loraplex.server.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, read_manifest
 from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, onnx_adapter_arrays, write_onnx_adapter
@@ -41,9 +43,22 @@ def default_adapter_cache(fingerprint: str) -> Path:
             return preferred
     except OSError:
         pass
-    fallback = Path(tempfile.gettempdir()) / "loraplex-onnx-adapters" / fingerprint
-    fallback.mkdir(parents=True, exist_ok=True)
+    # a shared temp dir is only trusted when it is ours and closed to others (cache hits skip
+    # validation: a planted file would be served); otherwise a private one for this process
+    root = Path(tempfile.gettempdir()) / f"loraplex-onnx-adapters-{os.getuid()}"
+    try:
+        root.mkdir(mode=0o700, exist_ok=True)
+        st = root.lstat()
+        if root.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise PermissionError(f"{root} is not private to this user")
+    except OSError:
+        root = Path(tempfile.mkdtemp(prefix="loraplex-onnx-adapters-"))
+    fallback = root / fingerprint
+    fallback.mkdir(mode=0o700, exist_ok=True)
     return fallback
+
+
+CACHE_FORMAT = 1  # bump when the record or the .onnx_adapter layout changes
 
 
 def release_free_memory() -> None:
@@ -67,7 +82,9 @@ class OnnxAdapterGate:
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         modules = hashlib.sha256("\n".join(f"{m}:{s}" for m, s in sorted(base.linear_shapes.items())).encode()).hexdigest()
-        self._context = f"{base.fingerprint}|{modules}|{max_lora_rank}"
+        # the code version is part of the key: a later fix to validation or conversion never
+        # meets a record an older version wrote
+        self._context = f"{CACHE_FORMAT}|{__version__}|{base.fingerprint}|{modules}|{max_lora_rank}"
 
     def _key(self, path: Path) -> tuple[str, str, int] | None:
         """(cache key, weights sha256, weights size), or None when the folder is not even shaped
@@ -96,6 +113,9 @@ class OnnxAdapterGate:
         validated = load_validated_adapter(path, name, self.base, max_lora_rank=self.max_lora_rank)
         if keyed is None:  # pragma: no cover - load_validated_adapter has raised for such folders
             raise RuntimeError(f"adapter {name!r} validated without a weights file")
+        if self._key(path) != keyed or validated.weights_sha256 != sha:
+            # republished while we read it: what was validated may not be what the key names
+            raise AdapterInvalid(f"adapter {name!r} changed while it was being loaded (republished?); load it again")
         if path.is_file():
             artifact = path  # an exported .onnx_adapter: loaded as it is
         else:
@@ -109,9 +129,10 @@ class OnnxAdapterGate:
     def _from_record(self, record: Path, artifact: Path, path: Path, name: str, sha: str, size: int) -> ValidatedAdapter | None:
         try:
             data = json.loads(record.read_text())
-        except (OSError, ValueError):
-            return None
-        target = Path(data.get("artifact", ""))
+            target = Path(data["artifact"])
+            rank, modules = int(data["rank"]), tuple(str(m) for m in data["modules"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # absent or unreadable: validate again (and rewrite it)
         if not target.is_file() or (target != path and target != artifact):
             return None
         return ValidatedAdapter(
@@ -123,8 +144,8 @@ class OnnxAdapterGate:
             weights_sha256=sha,
             size_bytes=size,
             artifact=target,
-            summary_rank=int(data["rank"]),
-            summary_modules=tuple(data["modules"]),
+            summary_rank=rank,
+            summary_modules=modules,
         )
 
     def _write_record(self, record: Path, artifact: Path, validated: ValidatedAdapter) -> None:

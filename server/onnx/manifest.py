@@ -13,9 +13,11 @@ import json
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from loraplex.server.errors import BaseModelError
+from loraplex.server.errors import AdapterInvalid, BaseModelError
+from loraplex.server.store.names import validate_adapter_name
+from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX
 
 EXPORT_MANIFEST = "loraplex-export.json"
 FORMAT_VERSION = 1
@@ -25,7 +27,24 @@ class ExportedAdapter(BaseModel):
     model_config = ConfigDict(frozen=True, extra="allow")
 
     name: str
-    file: str  # relative to the model folder
+    file: str  # a plain file name inside the model folder
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        try:
+            validate_adapter_name(value)
+        except AdapterInvalid as exc:
+            raise ValueError(str(exc)) from exc
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _inside_the_folder(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value.startswith(".") or not value.endswith(ONNX_ADAPTER_SUFFIX):
+            raise ValueError(f"adapter file {value!r} must be a plain <name>{ONNX_ADAPTER_SUFFIX} file name inside the model folder")
+        return value
+
     file_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     source_path: str
     source_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # adapter_model.safetensors it was made from
@@ -69,5 +88,9 @@ def read_export_manifest(model_dir: str | Path) -> ExportManifest:
         raise BaseModelError(f"--model {folder}: no {EXPORT_MANIFEST} (export it with loraplex export-onnx, which records the base and its LoRA inputs)")
     try:
         return ExportManifest.model_validate_json(path.read_text())
-    except (ValidationError, ValueError) as exc:
-        raise BaseModelError(f"{path}: invalid export manifest ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from exc
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BaseModelError(f"{path}: invalid export manifest: {where}: {first['msg']}") from exc
+    except ValueError as exc:
+        raise BaseModelError(f"{path}: invalid export manifest ({exc})") from exc

@@ -61,6 +61,7 @@ class StackedOnnxEngine(RowEngine):
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.session = ort.InferenceSession(str(self.model_dir / graph_file), options, providers=["CPUExecutionProvider"])
+        self._ort = ort
         decoder = json.loads((self.model_dir / "genai_config.json").read_text())["model"]["decoder"]
         self.num_layers = int(decoder["num_hidden_layers"])
         self.kv_heads = int(decoder["num_key_value_heads"])
@@ -99,21 +100,37 @@ class StackedOnnxEngine(RowEngine):
 
     def add_adapter_arrays(self, name: str, arrays: Mapping[str, np.ndarray]) -> None:
         """Write an adapter (``.onnx_adapter`` tensors: A^T [in, r], scaled B^T [r, out]) into a
-        slot, growing the stacks when needed. Engine thread only."""
+        slot, growing the stacks when needed. All-or-nothing: every new array is allocated
+        before any state changes, so a failure (out of memory) leaves the engine as it was.
+        Engine thread only; a same-named adapter is replaced in its own slot."""
         unknown = sorted(set(arrays) - {s.weight for s in self.stacks.values()})
         if unknown:
             raise ValueError(f"adapter {name!r} has tensors the graph has no LoRA input for: {unknown[:3]}")
-        if name in self.slot_of:
-            self.remove_adapter(name)
-        slot = self._free.pop() if self._free else self._grow_slots()
-        needed: dict[str, int] = {}
+        replacing = self.slot_of.get(name)
+        if replacing is not None:
+            self._drop_cancelled()
+            self._refuse_if_busy(name)
+        ranks = dict(self.ranks)
         for stack in self.stacks.values():
             array = arrays.get(stack.weight)
             if array is not None:
-                needed[stack.module] = max(needed.get(stack.module, 0), array.shape[1] if stack.kind == "A" else array.shape[0])
-        for module, rank in needed.items():
-            if rank > self.ranks[module]:
-                self._grow_rank(module, rank)
+                ranks[stack.module] = max(ranks[stack.module], array.shape[1] if stack.kind == "A" else array.shape[0])
+        old_slots = self.num_slots
+        slots = old_slots + (SLOT_GROWTH if replacing is None and not self._free else 0)
+        grown: dict[str, np.ndarray] = {}
+        for stack in self.stacks.values():  # allocate (may fail) ...
+            rank = ranks[stack.module]
+            shape = (slots, stack.features, rank) if stack.kind == "A" else (slots, rank, stack.features)
+            if shape != stack.array.shape:
+                array = np.zeros(shape, np.float32)
+                _, a, b = stack.array.shape
+                array[:old_slots, :a, :b] = stack.array
+                grown[stack.name] = array
+        for stack_name, array in grown.items():  # ... then commit (nothing below allocates)
+            self.stacks[stack_name].array = array
+        self.ranks = ranks
+        self._free.extend(range(slots - 1, old_slots - 1, -1))
+        slot = replacing if replacing is not None else self._free.pop()
         for stack in self.stacks.values():
             stack.array[slot] = 0.0  # a slot reused by a smaller rank keeps no stale columns
             array = arrays.get(stack.weight)
@@ -133,33 +150,6 @@ class StackedOnnxEngine(RowEngine):
         if slot is not None:
             self._free.append(slot)
 
-    def _grow_slots(self) -> int:
-        # a few slots at a time, not doubling: resident memory stays close to the adapters' own
-        # size (doubling left up to half the stacks empty); a growth copies the stacks once
-        old = self.num_slots
-        new = old + SLOT_GROWTH
-        for stack in self.stacks.values():
-            grown = np.zeros((new, *stack.array.shape[1:]), np.float32)
-            grown[:old] = stack.array
-            stack.array = grown
-        self._free.extend(range(new - 1, old, -1))
-        self._stack_version += 1
-        return old
-
-    def _grow_rank(self, module: str, rank: int) -> None:
-        for stack in self.stacks.values():
-            if stack.module != module:
-                continue
-            slots, a, b = stack.array.shape
-            grown = np.zeros((slots, a, rank) if stack.kind == "A" else (slots, rank, b), np.float32)
-            if stack.kind == "A":
-                grown[:, :, :b] = stack.array
-            else:
-                grown[:, :a, :] = stack.array
-            stack.array = grown
-        self.ranks[module] = rank
-        self._stack_version += 1
-
     # ----------------------------------------------------------------- steps
     def _run(self, input_ids: np.ndarray, mask: np.ndarray, slots: list[int], past: list):
         """One forward; returns logits (numpy) and the present K/V (onnxruntime values)."""
@@ -172,14 +162,14 @@ class StackedOnnxEngine(RowEngine):
         binding.bind_cpu_input("attention_mask", mask)
         binding.bind_cpu_input(SLOTS_INPUT, np.asarray(slots, dtype=np.int64))
         for name, value in zip(self._past_names, past):
-            if isinstance(value, np.ndarray):
-                binding.bind_cpu_input(name, value)
-            else:
-                binding.bind_ortvalue_input(name, value)
+            # always as OrtValues: bind_cpu_input would keep a reference to every numpy past it
+            # ever saw (a whole KV cache) until the same name is bound as numpy again
+            binding.bind_ortvalue_input(name, value if not isinstance(value, np.ndarray) else self._ort.OrtValue.ortvalue_from_numpy(value))
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
+        binding.clear_binding_outputs()  # the binding must not keep a prefill's [1, L, vocab] logits alive
         return outputs[0].numpy(), [outputs[i] for i in self._present]
 
     def _slot(self, adapter: str | None) -> int:
@@ -232,8 +222,10 @@ class StackedOnnxEngine(RowEngine):
         self._keep_rows(keep)
 
     def _forget_rows(self, keep: list[int]) -> None:
-        if not keep:
+        if not keep:  # idle: drop the KV cache and the binding's references to it
             self.past, self.width = [], 0
+            self._binding.clear_binding_inputs()
+            self._bound_version = -1  # stacks are bound again on the next run
             return
         index = np.asarray(keep, dtype=np.int64)
         longest = max(row.length for row in self.running)

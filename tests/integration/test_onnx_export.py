@@ -192,7 +192,11 @@ def test_refusals(tiny_base, adapters, tmp_path, capsys, fp32_export):
     # the same folder name twice
     code = loraplex_main(["export-onnx", "--base", str(tiny_base), "--adapter_paths", f"{adapters['plain']},{adapters['plain']}", "--output_path", str(tmp_path / "y")])
     assert code == 2 and "twice" in capsys.readouterr().err
-    # union of adapters' modules: a later adapter targeting other modules is refused by the server's validation
+    # --overwrite never deletes an input: an output inside an adapter folder is refused
+    code = loraplex_main(["export-onnx", "--base", str(tiny_base), "--adapter_paths", str(adapters["plain"]),
+                          "--output_path", str(adapters["plain"] / "out"), "--overwrite"])
+    assert code == 2 and "overlaps the input" in capsys.readouterr().err
+    assert (adapters["plain"] / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-export")]
 

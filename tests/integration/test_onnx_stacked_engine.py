@@ -110,3 +110,43 @@ def test_busy_adapter_cannot_be_removed_and_cancel_frees_the_row(setup):
     assert sink.finish == "cancelled" and engine.num_running == 0 and "r4" not in engine.resident_adapters
     with pytest.raises(ValueError, match="no LoRA input"):
         engine.add_adapter_arrays("bad", {"model.layers.9.attn.q_proj.lora_A.weight": _arrays(model, "r4")["model.layers.0.attn.q_proj.lora_A.weight"]})
+
+
+def test_a_failed_install_leaves_the_engine_as_it_was(setup, tiny_base, monkeypatch):
+    """Out of memory while the stacks grow: nothing changes, and the next install works."""
+    import numpy
+
+    import loraplex.server.onnx.stacked as stacked
+
+    model, adapters = setup
+    engine = _engine(model)
+    engine.add_adapter_arrays("r2", _arrays(model, "r2"))
+    while engine._free:  # fill every slot, so the next install must grow the stacks
+        engine.add_adapter_arrays(f"fill{len(engine._free)}", _arrays(model, "r1"))
+    before = {name: s.array.shape for name, s in engine.stacks.items()}
+    slots_before, ranks_before = dict(engine.slot_of), dict(engine.ranks)
+
+    class OutOfMemory:  # numpy whose 6th allocation fails: midway through growing the stacks
+        calls = 0
+
+        def __getattr__(self, name):
+            return getattr(numpy, name)
+
+        def zeros(self, *args, **kwargs):
+            OutOfMemory.calls += 1
+            if OutOfMemory.calls > 5:
+                raise MemoryError("simulated")
+            return numpy.zeros(*args, **kwargs)
+
+    monkeypatch.setattr(stacked, "np", OutOfMemory())
+    with pytest.raises(MemoryError):
+        engine.add_adapter_arrays("r8", _arrays(model, "r8"))
+    monkeypatch.undo()
+    assert {name: s.array.shape for name, s in engine.stacks.items()} == before
+    assert engine.slot_of == slots_before and engine.ranks == ranks_before and not engine._free
+    engine.add_adapter_arrays("r8", _arrays(model, "r8"))
+    request, sink = _request(0, "r8", PROMPTS[0], 6)
+    other, other_sink = _request(1, "r2", PROMPTS[1], 6)
+    _run(engine, {0: [request, other]})
+    assert sink.tokens == reference_greedy(tiny_base, adapters["r8"], PROMPTS[0], n=6)
+    assert other_sink.tokens == reference_greedy(tiny_base, adapters["r2"], PROMPTS[1], n=6)

@@ -93,3 +93,31 @@ def test_refused_adapters_leave_no_cache_entry(tiny_base, shapes, tmp_path):
         gate(broken, "broken")
     (tmp_path / "cache").mkdir(exist_ok=True)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_an_unreadable_record_means_a_full_validation_again(tiny_base, shapes, tmp_path, monkeypatch):
+    from loraplex.server.onnx.gate import OnnxAdapterGate
+
+    calls = _count_validations(monkeypatch)
+    adapter = make_random_adapter(tiny_base, tmp_path / "d", seed=6, r=2)
+    gate = OnnxAdapterGate(shapes, max_lora_rank=8, cache_dir=tmp_path / "cache")
+    gate(adapter, "d")
+    [record] = (tmp_path / "cache").glob("*.json")
+    record.write_text(json.dumps({"artifact": "x"}))  # no rank, no modules
+    again = gate(adapter, "d")
+    assert calls == ["d", "d"] and again.max_rank == 2
+
+
+def test_export_manifest_refuses_adapter_files_outside_the_folder(tmp_path):
+    from loraplex.server.errors import BaseModelError
+    from loraplex.server.onnx.manifest import EXPORT_MANIFEST, read_export_manifest
+
+    (tmp_path / "genai_config.json").write_text("{}")
+    manifest = {
+        "base_model_id": "b", "base_fingerprint": "f", "precision": "int4", "lora_targets": "all", "lora_modules": {},
+        "adapters": [{"name": "a", "file": "../../etc/a.onnx_adapter", "file_sha256": "0" * 64, "source_path": "x",
+                      "source_sha256": "0" * 64, "rank": 1, "modules": 1}],
+    }
+    (tmp_path / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BaseModelError, match="adapters.0.file: .*plain <name>.onnx_adapter file name"):
+        read_export_manifest(tmp_path)
