@@ -27,6 +27,14 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tokenizer(smol_tokenizer_dir):
+    """The SmolLM2 tokenizer itself (for decoding oracle tokens to text)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))
+
+
 def make_tiny_llama(out: Path, tokenizer_dir: Path, *, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
     """A 2-layer random Llama sharing SmolLM2's vocabulary, saved as a normal model folder."""
     import shutil

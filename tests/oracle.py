@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import torch
 
-def make_random_adapter(base_dir, folder, *, seed, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-    """A peft LoRA folder with random non-zero B (so each adapter visibly changes outputs)."""
+def make_random_adapter(base_dir, folder, *, seed, r=4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), **lora):
+    """A peft LoRA folder with random non-zero B (so each adapter visibly changes outputs);
+    ``lora`` overrides LoraConfig fields (lora_alpha, rank_pattern, alpha_pattern, use_rslora...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=4 * r, target_modules=list(targets), init_lora_weights=False))
+    config = {"lora_alpha": 4 * r, **lora}
+    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules=list(targets), init_lora_weights=False, **config))
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:

@@ -91,3 +91,17 @@ def complete(srv, model, prompt, n, **extra):
 
 def text_of(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def concurrent_completions(srv, plan, n) -> list[dict]:
+    """All of ``plan`` ([(adapter or None for the base "tiny", prompt ids)]) at once, greedy, n tokens."""
+    import asyncio
+
+    async def run():
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(adapter, prompt):
+                body = {"model": adapter or "tiny", "prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True}
+                return (await client.post(srv.url + "/v1/completions", json=body)).json()
+            return await asyncio.gather(*(one(a, p) for a, p in plan))
+
+    return asyncio.run(run())

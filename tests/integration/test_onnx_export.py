@@ -21,36 +21,16 @@ PROMPTS = [[1, 504, 2045, 314, 4423, 29], [1, 9, 8, 7], [1, 400, 401, 402, 403, 
 N = 20
 
 
-def _mixed_adapter(base, folder):
-    """Per-module ranks and alphas (rank_pattern / alpha_pattern) and rsLoRA scaling."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_pretrained(str(base))
-    config = LoraConfig(
-        r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
-        alpha_pattern={"v_proj": 3, "model.layers.0.mlp.up_proj": 20},
-    )
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    peft_model.save_pretrained(str(folder))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_base, tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx-adapters")
     return {
         "plain": make_random_adapter(tiny_base, root / "plain", seed=31, r=4),
         "attn": make_random_adapter(tiny_base, root / "attn", seed=32, r=2, targets=("q_proj", "v_proj")),
-        "mixed": _mixed_adapter(tiny_base, root / "mixed"),
+        # per-module ranks and alphas (rank_pattern / alpha_pattern) and rsLoRA scaling
+        "mixed": make_random_adapter(tiny_base, root / "mixed", seed=7, r=4, lora_alpha=8, use_rslora=True,
+                                     rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6},
+                                     alpha_pattern={"v_proj": 3, "model.layers.0.mlp.up_proj": 20}),
     }
 
 

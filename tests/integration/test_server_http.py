@@ -12,19 +12,12 @@ import httpx
 import pytest
 
 from loraplex.server.store import AdapterManifest, sha256_file, write_manifest
-from tests.integration.server_harness import ServerProcess, text_of
+from tests.integration.server_harness import ServerProcess, concurrent_completions, text_of
 from tests.integration.server_harness import complete as harness_complete
 from tests.oracle import cached_oracle, make_random_adapter
 
 N = 16
 PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404], [1, 77], [1, 5000, 6000, 7000], [1, 12, 13], [1, 2000, 2001], [1, 31, 32, 33, 34]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smol_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +56,7 @@ def complete(srv, model, prompt, n=N, **extra):
 def test_isolation_oracle_concurrent_mixed_adapters(server, oracle, tokenizer):
     plan = [(["a", "b", "c", None][i % 4], PROMPTS[i]) for i in range(8)]
 
-    async def run():
-        async with httpx.AsyncClient(timeout=120) as client:
-            async def one(adapter, prompt):
-                body = {"model": adapter or "tiny", "prompt": prompt, "max_tokens": N, "temperature": 0, "ignore_eos": True}
-                return (await client.post(server.url + "/v1/completions", json=body)).json()
-            return await asyncio.gather(*(one(a, p) for a, p in plan))
-
-    results = asyncio.run(run())
+    results = concurrent_completions(server, plan, N)
     for (adapter, prompt), reply in zip(plan, results):
         expected = text_of(tokenizer, oracle(adapter, prompt))
         assert reply["choices"][0]["text"] == expected, (adapter, prompt)

@@ -18,19 +18,12 @@ import pytest
 from loraplex.server.cli import main as loraplex_main
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.server_harness import ServerProcess, text_of
+from tests.integration.server_harness import ServerProcess, concurrent_completions, text_of
 from tests.integration.server_harness import complete as harness_complete
 from tests.oracle import cached_oracle, make_random_adapter
 
 N = 12
 PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404], [1, 77], [1, 5000, 6000, 7000], [1, 12, 13]]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smol_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +71,7 @@ def test_models_list_the_exported_adapters(server):
 def test_concurrent_mixed_requests_match_peft(server, oracle, tokenizer):
     plan = [(["x1", "x2", None][i % 3], PROMPTS[i]) for i in range(6)]
 
-    async def run():
-        async with httpx.AsyncClient(timeout=120) as client:
-            async def one(adapter, prompt):
-                body = {"model": adapter or "tiny", "prompt": prompt, "max_tokens": N, "temperature": 0, "ignore_eos": True}
-                return (await client.post(server.url + "/v1/completions", json=body)).json()
-            return await asyncio.gather(*(one(a, p) for a, p in plan))
-
-    results = asyncio.run(run())
+    results = concurrent_completions(server, plan, N)
     for (adapter, prompt), reply in zip(plan, results):
         assert reply["choices"][0]["text"] == text_of(tokenizer, oracle(adapter, prompt)), (adapter, prompt)
         assert reply["usage"]["completion_tokens"] == N

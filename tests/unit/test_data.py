@@ -80,13 +80,6 @@ def test_load_records_reads_all_formats(tmp_path):
     assert [r["output"] for r in records] == ["y", "y2", "y3"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(smol_tokenizer_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(smol_tokenizer_dir))
-
-
 def test_chat_mode_masks_every_prompt_token(tokenizer):
     cfg = TrainConfig(data_files="x", output_path="adapters/a")
     example = PromptRenderer(cfg, tokenizer).render({"input": "Is it good?", "output": "yes"}, 0)
