@@ -363,6 +363,47 @@ def test_queue_full_gets_429(tiny_base, pool, tmp_path_factory):
         assert waiting_status == 200
 
 
+def test_a_streaming_client_that_leaves_while_queued_frees_its_place(tiny_base, pool, tmp_path_factory):
+    """Disconnect before the first token (still waiting for a batch row): the request leaves the
+    queue at once, while the request holding the only row goes on (before the fix it stayed
+    queued until that row freed)."""
+    store = _store(tmp_path_factory, pool, ["a", "b"], "queued-disconnect")
+    with ServerProcess(tiny_base, store, "--max-batch-size", "1", "--max-model-len", "8192") as srv:
+        async def run():
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def metrics():
+                    return (await client.get(srv.url + "/metrics")).text
+
+                body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 8000, "temperature": 0, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", srv.url + "/v1/completions", json=body) as running:
+                    lines = running.aiter_lines()
+                    await lines.__anext__()  # "a" holds the only batch row for thousands of tokens
+
+                    async def queued():
+                        async with httpx.AsyncClient(timeout=120) as other:
+                            async with other.stream("POST", srv.url + "/v1/completions", json={**body, "model": "b"}) as reply:
+                                async for _ in reply.aiter_lines():
+                                    pass
+
+                    waiter = asyncio.create_task(queued())
+                    deadline = time.monotonic() + 30
+                    while "loraplex_num_requests_waiting 1.0" not in await metrics():
+                        assert time.monotonic() < deadline, "the second request never queued"
+                        await asyncio.sleep(0.05)
+                    waiter.cancel()  # the queued client goes away before its first token
+                    await asyncio.gather(waiter, return_exceptions=True)
+                    deadline = time.monotonic() + 5
+                    while "loraplex_num_requests_waiting 0.0" not in await metrics():
+                        assert time.monotonic() < deadline, "the disconnected request stayed queued"
+                        await asyncio.sleep(0.1)
+                    a_info = (await client.get(srv.url + "/v1/adapters/a")).json()
+                    return a_info, await metrics()
+
+        a_info, text = asyncio.run(run())
+        assert a_info["running_requests"] == 1  # the long request still holds its row: it did not free the queue
+        assert 'loraplex_requests_total{adapter="b",status="cancelled"} 1.0' in text
+
+
 def test_watch_picks_up_an_adapter_published_by_train_adapter(tiny_base, tmp_path_factory, label_data):
     store = tmp_path_factory.mktemp("watch") / "adapters"
     store.mkdir()

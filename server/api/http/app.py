@@ -46,6 +46,53 @@ def _json_depth_exceeds(raw: bytes, limit: int) -> bool:
     return False
 
 
+class BodyLimitMiddleware:
+    """Pure ASGI: refuse bodies over ``MAX_BODY_BYTES`` (413) or JSON nested deeper than
+    ``MAX_JSON_DEPTH`` (400) before the app parses them, then replay the body to the app and pass
+    every later ``receive()`` through, so handlers still see ``http.disconnect`` (Starlette's
+    ``@app.middleware("http")`` hides it: a client leaving while its request is queued went
+    unnoticed)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await _error(413, f"request body is {int(declared)} bytes; the limit is {MAX_BODY_BYTES}")(scope, receive, send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before its body arrived
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > MAX_BODY_BYTES:
+                await _error(413, f"request body is over the limit of {MAX_BODY_BYTES} bytes")(scope, receive, send)
+                return
+        if _json_depth_exceeds(body, MAX_JSON_DEPTH):
+            await _error(400, f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels")(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # http.disconnect when the client goes away
+
+        await self.app(scope, replay, send)
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(openai_error_body(message, "BadRequestError", status), status_code=status)
+
+
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
@@ -100,21 +147,7 @@ def _openapi_with_errors(app: FastAPI) -> dict:
 def create_app(service, metrics, lifespan=None) -> FastAPI:
     app = FastAPI(title="loraplex", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        if request.method in ("POST", "PUT", "PATCH"):
-            declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-                return JSONResponse(openai_error_body(f"request body is {declared} bytes; the limit is {MAX_BODY_BYTES}", "BadRequestError", 413), status_code=413)
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > MAX_BODY_BYTES:
-                    return JSONResponse(openai_error_body(f"request body is over the limit of {MAX_BODY_BYTES} bytes", "BadRequestError", 413), status_code=413)
-            if _json_depth_exceeds(body, MAX_JSON_DEPTH):
-                return JSONResponse(openai_error_body(f"request JSON is nested deeper than {MAX_JSON_DEPTH} levels", "BadRequestError", 400), status_code=400)
-            request._body = body  # downstream handlers read the cached body
-        return await call_next(request)
+    app.add_middleware(BodyLimitMiddleware)
     app.state.service = service
     app.state.metrics = metrics
     for router in (routes_openai.router, routes_admin.router, routes_ops.router):

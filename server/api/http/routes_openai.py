@@ -81,11 +81,20 @@ async def _collect(stream: AsyncIterator[GenerationEvent], request: Request) -> 
     return "".join(parts), last
 
 
-async def _start(service: GenerationService, req: GenerationRequest):
-    """Open the event stream and pull the first event, so request errors surface as HTTP errors."""
+async def _start(service: GenerationService, req: GenerationRequest, request: Request):
+    """Open the event stream and pull the first event, so request errors surface as HTTP errors.
+    A client that disconnects meanwhile (still queued, or in prefill) cancels the request."""
     stream = service.generate(req)
-    first = await stream.__anext__()
-    return stream, first
+    first = asyncio.ensure_future(stream.__anext__())
+    while True:
+        done, _ = await asyncio.wait({first}, timeout=0.25)
+        if done:
+            return stream, first.result()
+        if await request.is_disconnected():
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            await stream.aclose()
+            raise asyncio.CancelledError("client disconnected")
 
 
 async def _stream_body(stream, first: GenerationEvent, chunk, final_usage: bool, rid: str) -> AsyncIterator[str]:
@@ -128,7 +137,7 @@ async def _respond(request: Request, body, req: GenerationRequest, rid: str, *, 
     service = _service(request)
     object_name = "chat.completion" if chat else "text_completion"
     if body.stream:
-        stream, first = await _start(service, req)
+        stream, first = await _start(service, req, request)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         maker = _ChunkMaker("chat.completion.chunk" if chat else "text_completion", rid, body.model, chat=chat)
         return StreamingResponse(_stream_body(stream, first, maker, include_usage, rid), media_type="text/event-stream")
