@@ -270,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     return _run_phases(args, ref, store, adapters, work, out_dir)
 
 
-def _start_server(args, ref, store: Path, work: Path, env: dict | None = None):
+def _start_server(ref, store: Path, work: Path, *, max_batch_size: int, server_args: str, env: dict | None = None):
     import os
     import socket
     import subprocess
@@ -282,7 +282,7 @@ def _start_server(args, ref, store: Path, work: Path, env: dict | None = None):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "loraplex.server.cli", "serve", "--base", str(ref.path), "--adapters-dir", str(store), "--port", str(port), "--grpc-port", "0",
-           "--log-level", "warning", "--max-batch-size", str(max(args.concurrency, 1)), "--served-model-name", "base", *args.server_args.split()]
+           "--log-level", "warning", "--max-batch-size", str(max(max_batch_size, 1)), "--served-model-name", "base", *server_args.split()]
     log = open(work / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
@@ -309,7 +309,7 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
     url = args.url
     base_name = "base"
     if url is None:
-        proc, url = _start_server(args, ref, store, work)
+        proc, url = _start_server(ref, store, work, max_batch_size=args.concurrency, server_args=args.server_args)
     else:
         base_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
     common = dict(base=base_name, concurrency=args.concurrency, requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)

@@ -42,18 +42,15 @@ def _measure_backend(args, ref, store: Path, adapters: list[str], work: Path, ba
 
     from loraplex.server.bench import _start_server, run_load
 
-    class _Args:  # what _start_server reads
-        concurrency = max(args.backend_concurrency)
-        server_args = args.server_args + {
-            "torch": "",
-            "onnx": f" --backend onnx --model {onnx_model} --onnx-batching mixed",
-            "onnx-per-request": f" --backend onnx --model {onnx_model} --onnx-batching per-request",
-        }[backend]
-
+    server_args = args.server_args + {
+        "torch": "",
+        "onnx": f" --backend onnx --model {onnx_model} --onnx-batching mixed",
+        "onnx-per-request": f" --backend onnx --model {onnx_model} --onnx-batching per-request",
+    }[backend]
     # onnx servers get a fresh cache: their first loads really convert (the gate remembers
     # conversions across processes); the base they serve is the exported folder, not the cache
     env = {"LORAPLEX_CACHE": str(work / f"cache-{backend}-{round_}")} if backend != "torch" else None
-    proc, url = _start_server(_Args, ref, store, work, env=env)
+    proc, url = _start_server(ref, store, work, max_batch_size=max(args.backend_concurrency), server_args=server_args, env=env)
     try:
         time.sleep(1.0)
         rss = {"0": _rss_mib(proc.pid)}

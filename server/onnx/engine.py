@@ -15,6 +15,9 @@ no shared state, so it runs in a worker thread while decoding goes on; removal h
 engine thread once no Generator uses it (onnxruntime-genai refuses to unload an adapter in use).
 The files come from the backend's gate (``gate.py``: validation + conversion of peft adapters).
 
+A row that leaves ``running`` drops the last reference to its Generator, which frees its KV
+cache and its hold on the adapter at once (no per-row state to forget beyond that).
+
 Knows token ids, never text.
 """
 
@@ -144,8 +147,3 @@ class OnnxEngine(RowEngine):
 
         logits = generator.get_logits()  # [batch=1, 1, vocab]
         return torch.from_numpy(np.ascontiguousarray(logits.reshape(-1, logits.shape[-1])[-1], dtype=np.float32))
-
-    def _forget_rows(self, keep: list[int]) -> None:
-        # rows already left self.running; dropping the last reference frees each Generator (and
-        # with it its KV cache and its hold on the adapter) at once
-        return None

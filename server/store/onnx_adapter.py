@@ -86,20 +86,16 @@ def write_onnx_adapter(path: str | Path, arrays: Mapping[str, np.ndarray]) -> Pa
 
 
 def read_onnx_adapter(path: str | Path) -> dict[str, np.ndarray]:
-    """The parameters of an onnxruntime adapter file; AdapterInvalid when it cannot be read."""
-    import onnxruntime as ort
-
-    try:
-        fmt = ort.AdapterFormat.read_adapter(str(path))
-        parameters = fmt.get_parameters()
-        return {name: np.array(value.numpy(), copy=True) for name, value in parameters.items()}  # copies: the OrtValues own the memory
-    except Exception as exc:  # onnxruntime raises its own exception types for a corrupt file
-        raise AdapterInvalid(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    """The parameters of an onnxruntime adapter file, as arrays of their own (copies);
+    AdapterInvalid when it cannot be read."""
+    tensors = OnnxAdapterTensors(path)  # must outlive the copies: the views point into its buffers
+    return {name: array.copy() for name, array in tensors.arrays().items()}
 
 
 class OnnxAdapterTensors:
     """An adapter file's tensors as numpy VIEWS of onnxruntime's own buffers (no copy), valid
-    while this object lives: for copying straight into other memory (the onnx backend's stacks)."""
+    only while this object lives (the views do not keep it alive): for copying straight into
+    other memory (the onnx backend's stacks)."""
 
     def __init__(self, path: str | Path) -> None:
         import onnxruntime as ort
@@ -108,7 +104,8 @@ class OnnxAdapterTensors:
             self._format = ort.AdapterFormat.read_adapter(str(path))
             self._values = self._format.get_parameters()
         except Exception as exc:
-            raise AdapterInvalid(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__})") from exc
+            detail = str(exc).splitlines()[0] if str(exc) else ""
+            raise AdapterInvalid(f"{path}: not a readable onnxruntime adapter file ({type(exc).__name__}: {detail})") from exc
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: value.numpy() for name, value in self._values.items()}
