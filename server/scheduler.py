@@ -1,8 +1,9 @@
 """The scheduler: the one thread that owns the engine. Requests wait in a bounded queue and join
 the running batch at the next step; commands (adapter installs) run between steps.
 
-Other threads only call ``submit``, ``cancel`` (via the request flag) and ``call``; the engine
-is never touched concurrently. Knows nothing of text or HTTP.
+Other threads only call ``submit``, ``cancel`` and ``call``; the engine is never touched
+concurrently, and no other thread writes the engine's objects: a cancellation is a command the
+engine thread applies before its next step. Knows nothing of text or HTTP.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Scheduler:
         self.max_prefills_per_step = max_prefills_per_step
         self.waiting: deque[EngineRequest] = deque()
         self.commands: deque[tuple[Callable[[Engine], Any], Future]] = deque()
+        self.cancels: deque[tuple[EngineRequest, str]] = deque()
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
@@ -63,12 +65,28 @@ class Scheduler:
             self._cv.notify_all()
         return future
 
+    def cancel(self, request: EngineRequest, reason: str) -> None:
+        """End ``request`` (queued or running) with finish reason ``reason`` before the next step;
+        safe from any thread, idempotent, a no-op once the request has finished."""
+        with self._cv:
+            self.cancels.append((request, reason))
+            self._cv.notify_all()
+
+    def _apply_cancels(self) -> None:
+        with self._cv:
+            cancels = list(self.cancels)
+            self.cancels.clear()
+        for request, reason in cancels:  # engine thread: the only writer of these flags
+            if not request.cancelled:
+                request.cancel_reason = reason
+                request.cancelled = True
+
     def wake(self) -> None:
         with self._cv:
             self._cv.notify_all()
 
     def _has_work(self) -> bool:
-        return bool(self.commands or self.waiting or self.engine.num_running)
+        return bool(self.commands or self.cancels or self.waiting or self.engine.num_running)
 
     def _loop(self) -> None:
         while True:
@@ -79,6 +97,7 @@ class Scheduler:
                     break
                 commands = list(self.commands)
                 self.commands.clear()
+            self._apply_cancels()
             self._drop_cancelled_waiting()
             for fn, future in commands:
                 try:

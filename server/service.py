@@ -254,8 +254,7 @@ class GenerationService:
                     delta = assembler.add(token)
                     if assembler.stopped:
                         finish = "stop"
-                        engine_request.cancel_reason = "stop"
-                        engine_request.cancelled = True  # the engine frees the row at its next step
+                        self.scheduler.cancel(engine_request, "stop")  # the engine frees the row at its next step
                     yield GenerationEvent(delta, [token], finish, len(prompt_ids), completion)
                 elif finish is not None and not assembler.stopped:
                     if finish == FINISH_ERROR:
@@ -268,8 +267,7 @@ class GenerationService:
                 timer.cancel()
             if finish is None:
                 finish = FINISH_CANCELLED
-                engine_request.cancelled = True
-                self.scheduler.wake()
+                self.scheduler.cancel(engine_request, FINISH_CANCELLED)
             if last_token_at is None:
                 self._count(self.waiting_adapters, label, -1)
             else:
@@ -287,9 +285,7 @@ class GenerationService:
 
     def _end(self, engine_request: EngineRequest, reason: str) -> None:
         """End a request early with ``reason`` as its finish reason (the engine frees its row)."""
-        engine_request.cancel_reason = reason
-        engine_request.cancelled = True
-        self.scheduler.wake()
+        self.scheduler.cancel(engine_request, reason)
 
     def abort_all(self, reason: str = "abort") -> int:
         """End every request in flight (shutdown deadline); returns how many."""
