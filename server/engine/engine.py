@@ -16,7 +16,8 @@ from typing import Mapping, Sequence
 import torch
 
 from loraplex.server.engine.batch import KvBatch
-from loraplex.server.engine.lora import LoraBatchContext, LoraSlots, inject_multi_lora
+from loraplex.server.engine.lora import LoraBatchContext, inject_multi_lora
+from loraplex.server.engine.slots import LoraSlots
 from loraplex.server.engine.rows import (  # noqa: F401  (re-exported: the scheduler and service import them from here)
     FINISH_CANCELLED,
     FINISH_ERROR,
