@@ -10,12 +10,13 @@ STAMP_TOOLS := $(VENV)/.stamp-tools
 STAMP_BUF   := .tools/.stamp-buf
 SERVE_ARGS ?=
 
-.PHONY: venv test test-fast serve bench bench-backends onnx-report proto deploy-check demo-data demo-adapters clean help
+.PHONY: venv test test-fast contracts serve bench bench-backends onnx-report proto deploy-check demo-data demo-adapters clean help
 
 help:
 	@echo "make serve          start the server on the embedded base with every adapter in adapters/"
 	@echo "make test           bootstrap .venv and run the whole test suite (slow tests included)"
 	@echo "make test-fast      the suite without tests marked slow"
+	@echo "make contracts      the import contracts alone (lint-imports; make test runs them too)"
 	@echo "make demo-data      regenerate the three demo datasets (deterministic)"
 	@echo "make demo-adapters  retrain the three demo adapters on the real base into adapters/"
 	@echo "make deploy-check   render and validate deploy/k8s offline (also part of make test)"
@@ -53,6 +54,15 @@ $(STAMP_TOOLS): $(VENV)/bin/activate
 			echo "warning: could not install promtool; its test will be skipped"; \
 		else echo "warning: promtool not found and apt-get is not usable; its test will be skipped"; fi; \
 	fi
+	@# Debian's chromium: the headless browser tests/browser drives with Playwright (no `playwright install`).
+	@if ! command -v chromium >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing chromium (apt-get install chromium)"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1; } || \
+			echo "warning: could not install chromium; the browser tests will be skipped"; \
+		else echo "warning: chromium not found and apt-get is not usable; the browser tests will be skipped"; fi; \
+	fi
 	touch $@
 
 # buf (proto lint) ships as a binary inside the npm package @bufbuild/buf; installed into .tools/.
@@ -74,6 +84,10 @@ deploy-check: venv
 # Regenerate the gRPC stubs committed in proto/loraplex/v1/ (a test fails when they are stale).
 proto: venv
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/loraplex/v1/inference.proto
+
+# Import contracts of pyproject.toml [tool.importlinter]; make test runs them through tests/unit/test_import_contracts.py.
+contracts: venv
+	$(VENV)/bin/lint-imports
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"

@@ -2,18 +2,25 @@
 
 Either against a running server (``--url``) or a server it starts itself as a subprocess on a
 loopback port (the default; with ``--synthetic-adapters N`` it first writes N random rank-R
-adapters into a temporary store so any machine can run it). Phases, measured in ONE run so that
-ratios compare like with like on a noisy machine:
+adapters into a temp store so any machine can run it). Everything is measured in ONE run, so
+ratios compare like with like on a noisy machine, with a progress bar per phase (rich, stderr):
 
-1. ``mixed``: C concurrent streaming clients, requests spread over the adapters (uniform or
-   skewed); 2. ``base``: the same load on the bare base (mixed and base alternate ``--repeats``
-   times and are summed); 3. ``hotload``: the mixed load again while
-   adapters are loaded one by one through the API (load latency, and the inter-token latency of
-   running requests during loads vs without); 4. ``naive``: after the server is stopped, peft's
-   ``PeftModel`` with the same adapters, one request at a time (``set_adapter`` then ``generate``).
+0. ``ceilings`` (``bench_ceilings.py``): this machine's bf16 and fp32 GEMM GFLOP/s and memory read
+   GB/s, measured before the server starts; every phase's tok/s is reported as a fraction of the
+   compute ceiling (tok/s x GFLOP/token) and the single stream also of the weight-bandwidth
+   ceiling (bytes of matmul weights at the served dtype read once per token);
+1. ``mixed``: C concurrent streaming clients (default 64), requests spread over the adapters
+   (uniform or skewed); 2. ``base``: the same load on the bare base (mixed and base alternate
+   ``--repeats`` times and are summed); 3. ``single``: one stream (decode tok/s from the
+   inter-token gaps); 4. ``burst``: ``--burst`` simultaneous new requests (TTFT p50/p99);
+   5. ``hotload``: the mixed load again while adapters are loaded one by one through the API;
+   RSS of a server it started with 0, 1 and all adapters resident (growth per adapter vs the
+   adapter file's size); 6. ``--peer-llama-server PATH`` (``bench_peer.py``): llama.cpp's
+   llama-server with the same base (GGUF) and adapters, mixed / base / single;
+   7. ``naive``: peft's ``PeftModel`` one request at a time, only when bench started the server
+   itself or ``--naive`` is given (never silently against ``--url``).
 
-Reports output tok/s, TTFT and inter-token p50/p99 per phase, ratio (a) mixed/base and ratio (b)
-server/naive; writes JSON and a PNG plot.
+Writes JSON and a PNG plot.
 """
 
 from __future__ import annotations
@@ -80,8 +87,8 @@ def _pick(adapters: list[str], mix: str, rng: random.Random, base: str) -> str:
     return rng.choice(adapters)
 
 
-async def _one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, result: PhaseResult, on_token=None) -> None:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+async def _one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, result: PhaseResult, on_token=None, body_for=None) -> None:
+    body = {**(body_for(model) if body_for else {"model": model}), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     start = time.perf_counter()
     last = None
     try:
@@ -112,7 +119,7 @@ async def _one_request(client, url: str, model: str, prompt: list[int], max_toke
 
 
 async def run_load(url: str, name: str, *, adapters: list[str], base: str, mix: str, concurrency: int, requests: int,
-                   prompt_tokens: int, output_tokens: int, seed: int, during=None, on_token=None) -> PhaseResult:
+                   prompt_tokens: int, output_tokens: int, seed: int, during=None, on_token=None, body_for=None, on_done=None) -> PhaseResult:
     import httpx
 
     rng = random.Random(seed)
@@ -126,7 +133,9 @@ async def run_load(url: str, name: str, *, adapters: list[str], base: str, mix: 
         async def worker():
             while not queue.empty():
                 model, prompt = queue.get_nowait()
-                await _one_request(client, url, model, prompt, output_tokens, result, on_token)
+                await _one_request(client, url, model, prompt, output_tokens, result, on_token, body_for)
+                if on_done:
+                    on_done()
 
         start = time.perf_counter()
         tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
@@ -226,17 +235,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help="benchmark this running server (skips the naive baseline unless --base is given)")
-    parser.add_argument("--base", default="embedded", help="base model for the server it starts and for the naive baseline")
+    parser.add_argument("--url", help="benchmark this running server (no local peft baseline unless --naive)")
+    parser.add_argument("--base", default=None, help="base model for the server it starts and for the naive baseline (default: embedded)")
+    parser.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the one-at-a-time peft baseline after the server phases (default: yes when bench starts the server, no with --url)")
     parser.add_argument("--adapters-dir", help="use the adapters in this store (default: --synthetic-adapters into a temp store)")
     parser.add_argument("--synthetic-adapters", type=int, default=8, help="write N random adapters into a temp store (default 8)")
     parser.add_argument("--rank", type=int, default=8, help="rank of synthetic adapters (default 8)")
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=48, help="requests per phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=64, help="requests per phase")
+    parser.add_argument("--burst", type=int, default=32, help="simultaneous new requests of the burst phase (TTFT p50/p99; 0 = skip)")
+    parser.add_argument("--single-stream-requests", type=int, default=3, help="requests of the single-stream phase (0 = skip)")
+    parser.add_argument("--served-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "int8", "int4"],
+                        help="the dtype the server computes in, for the ceilings (auto: loraplex's own choice on this CPU)")
+    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=True, help="measure GEMM/memory ceilings first (default yes)")
+    parser.add_argument("--peer-llama-server", help="also run llama.cpp's llama-server binary (same base as GGUF, adapters converted) side by side")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--mix", choices=["uniform", "skewed"], default="uniform", help="adapter traffic mix of the mixed phase")
-    parser.add_argument("--naive-requests", type=int, default=8, help="requests for the one-at-a-time peft baseline")
+    parser.add_argument("--naive-requests", type=int, default=4, help="requests for the one-at-a-time peft baseline")
     parser.add_argument("--hotload", type=int, default=4, help="adapters to hot-load during the hotload phase")
     parser.add_argument("--server-args", default="", help="extra flags for the server it starts, e.g. '--quantize int8'")
     parser.add_argument("--repeats", type=int, default=2, help="alternate the mixed and base phases this many times (default 2)")
@@ -250,6 +267,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    def stop(signum, frame):  # SIGTERM (a timeout, CI) unwinds: the server bench started is stopped too
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
     if getattr(args, "backends", None):
         from loraplex.server.bench_backends import run_backends
 
@@ -260,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    ref = resolve_base(args.base)
+    ref = resolve_base(args.base or "embedded")
     if args.adapters_dir:
         store = Path(args.adapters_dir)
         adapters = AdapterStore(store).names()
@@ -300,65 +325,177 @@ def _start_server(ref, store: Path, work: Path, *, max_batch_size: int, server_a
     raise RuntimeError("server did not become ready")
 
 
+def _rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _served_dtype(args) -> str:
+    if args.served_dtype != "auto":
+        return args.served_dtype
+    words = args.server_args.split()
+    if "--dtype" in words and words.index("--dtype") + 1 < len(words) and words[words.index("--dtype") + 1] != "auto":
+        return words[words.index("--dtype") + 1]
+    if "--backend" in words and "onnx" in words:
+        return "int4"  # the default export precision; pass --served-dtype for others
+    from loraplex.server.basemodel.loading import cpu_has_fast_bf16
+
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
+class _Progress:
+    """A rich progress bar per phase (requests done), on stderr; silent when not a terminal."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("bench: {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True))
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def phase(self, name: str, total: int):
+        task = self.progress.add_task(name, total=total)
+        return lambda: self.progress.advance(task)
+
+    def note(self, text: str) -> None:
+        self.progress.console.print(f"bench: {text}")
+
+
 def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir: Path) -> int:
     import httpx
+
+    from loraplex.server.bench_ceilings import fractions, measure_ceilings, model_cost
 
     hot = adapters[len(adapters) - args.hotload :] if args.hotload and not args.adapters_dir else []
     serving = [a for a in adapters if a not in hot]
     proc = None
     url = args.url
     base_name = "base"
-    if url is None:
-        proc, url = _start_server(ref, store, work, max_batch_size=args.concurrency, server_args=args.server_args)
-    else:
-        base_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-    common = dict(base=base_name, concurrency=args.concurrency, requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
+    naive = args.naive if args.naive is not None else url is None
+    dtype = _served_dtype(args)
     phases: dict[str, PhaseResult] = {}
     hotload_ms: list[float] = []
-    try:
-        for name in serving:  # load before measuring: the mixed phase measures serving, not first loads
+    rss: dict[str, float] = {}
+    during = outside = []
+    peer: dict | None = None
+    with _Progress() as progress:
+        ceilings = None
+        if args.ceilings:  # before any server runs: the machine as idle as it gets
+            progress.note("measuring this machine's GEMM and memory ceilings ...")
+            ceilings = measure_ceilings()
+            progress.note(f"ceilings: {ceilings}")
+        if url is None:
+            progress.note("starting the server ...")
+            proc, url = _start_server(ref, store, work, max_batch_size=max(args.concurrency, args.burst), server_args=args.server_args)
+        else:
+            base_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        common = dict(base=base_name, concurrency=args.concurrency, requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
+
+        def load(name: str) -> float:
+            t0 = time.perf_counter()
             httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name}, timeout=600).raise_for_status()
-        asyncio.run(run_load(url, "warmup", adapters=serving, mix="uniform", **{**common, "requests": min(8, args.requests)}))
-        # mixed and base alternate (A B A B ...) so slow drifts of a shared machine hit both alike
-        for round_ in range(args.repeats):
-            seeded = {**common, "seed": args.seed + round_}
-            for name, kwargs in (("mixed", dict(adapters=serving, mix=args.mix)), ("base", dict(adapters=[], mix="base"))):
-                result = asyncio.run(run_load(url, name, **kwargs, **seeded))
-                phases[name] = result if name not in phases else _combine(phases[name], result)
-        if hot:
-            load_windows: list[tuple[float, float]] = []
-            token_gaps: list[tuple[float, float]] = []
+            return (time.perf_counter() - t0) * 1000
 
-            async def hot_loads(client):
-                await asyncio.sleep(1.0)
-                for name in hot:
-                    t0 = time.perf_counter()
-                    reply = await client.post(url + "/v1/load_lora_adapter", json={"lora_name": name})
-                    t1 = time.perf_counter()
-                    reply.raise_for_status()
-                    hotload_ms.append((t1 - t0) * 1000)
-                    load_windows.append((t0, t1))
-                    await asyncio.sleep(0.5)
+        try:
+            if proc is not None:
+                time.sleep(0.5)
+                rss["0"] = _rss_mib(proc.pid)
+            tick = progress.phase("load adapters", len(serving))
+            for i, name in enumerate(serving):  # load before measuring: the mixed phase measures serving, not first loads
+                load(name)
+                tick()
+                if proc is not None and i == 0:
+                    rss["1"] = _rss_mib(proc.pid)
+            if proc is not None:
+                time.sleep(0.5)
+                rss[str(len(serving))] = _rss_mib(proc.pid)
+            warm = min(8, args.requests)
+            asyncio.run(run_load(url, "warmup", adapters=serving, mix="uniform", **{**common, "requests": warm}, on_done=progress.phase("warm-up", warm)))
+            # mixed and base alternate (A B A B ...) so slow drifts of a shared machine hit both alike
+            for round_ in range(args.repeats):
+                seeded = {**common, "seed": args.seed + round_}
+                for name, kwargs in (("mixed", dict(adapters=serving, mix=args.mix)), ("base", dict(adapters=[], mix="base"))):
+                    done = progress.phase(f"{name} (c={args.concurrency}, round {round_ + 1})", args.requests)
+                    result = asyncio.run(run_load(url, name, **kwargs, **seeded, on_done=done))
+                    phases[name] = result if name not in phases else _combine(phases[name], result)
+            if args.single_stream_requests:
+                n = args.single_stream_requests
+                phases["single"] = asyncio.run(run_load(url, "single", adapters=serving, mix="uniform", **{**common, "concurrency": 1, "requests": n, "output_tokens": 2 * args.output_tokens}, on_done=progress.phase("single stream", n)))
+            if args.burst:
+                n = args.burst
+                phases["burst"] = asyncio.run(run_load(url, "burst", adapters=serving, mix="uniform", **{**common, "concurrency": n, "requests": n}, on_done=progress.phase(f"burst of {n} new requests", n)))
+            if hot:
+                load_windows: list[tuple[float, float]] = []
+                token_gaps: list[tuple[float, float]] = []
 
-            phases["hotload"] = asyncio.run(run_load(url, "hotload", adapters=serving, mix=args.mix, during=hot_loads, on_token=lambda at, gap: token_gaps.append((at, gap)), **common))
-            during = [gap for at, gap in token_gaps if any(a <= at <= b + gap for a, b in load_windows)]
-            outside = [gap for at, gap in token_gaps if not any(a <= at <= b + gap for a, b in load_windows)]
-    finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(30)
-    if args.naive_requests and (proc is not None or args.base):
-        phases["naive"] = naive_baseline(ref.path, store, serving, requests=args.naive_requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
+                async def hot_loads(client):
+                    await asyncio.sleep(1.0)
+                    for name in hot:
+                        t0 = time.perf_counter()
+                        reply = await client.post(url + "/v1/load_lora_adapter", json={"lora_name": name})
+                        t1 = time.perf_counter()
+                        reply.raise_for_status()
+                        hotload_ms.append((t1 - t0) * 1000)
+                        load_windows.append((t0, t1))
+                        await asyncio.sleep(0.5)
+
+                phases["hotload"] = asyncio.run(run_load(url, "hotload", adapters=serving, mix=args.mix, during=hot_loads, on_token=lambda at, gap: token_gaps.append((at, gap)),
+                                                         on_done=progress.phase("hot-load", args.requests), **common))
+                during = [gap for at, gap in token_gaps if any(a <= at <= b + gap for a, b in load_windows)]
+                outside = [gap for at, gap in token_gaps if not any(a <= at <= b + gap for a, b in load_windows)]
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(30)
+        if args.peer_llama_server:
+            peer = _run_peer(args, ref, store, serving, work, common, progress)
+        if naive and args.naive_requests:
+            progress.note(f"naive peft baseline: {args.naive_requests} requests one at a time ...")
+            phases["naive"] = naive_baseline(ref.path, store, serving, requests=args.naive_requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)
     report = {
         "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
         "base": {"id": ref.id, "fingerprint": ref.fingerprint},
         "adapters": {"serving": len(serving), "hotloaded": len(hot), "rank": args.rank if not args.adapters_dir else None},
+        "served_dtype": dtype,
+        "ceilings": ceilings,
         "phases": {name: p.summary() for name, p in phases.items()},
         "ratios": {
             "mixed_over_base": round(phases["mixed"].tok_per_s / phases["base"].tok_per_s, 3) if phases["base"].tok_per_s else None,
             "server_over_naive": round(phases["mixed"].tok_per_s / phases["naive"].tok_per_s, 2) if "naive" in phases and phases["naive"].tok_per_s else None,
         },
     }
+    if "burst" in phases and phases["burst"].ttft:
+        b = report["phases"]["burst"]
+        report["ratios"]["burst_ttft_p99_over_p50"] = round(b["ttft_p99_ms"] / b["ttft_p50_ms"], 2) if b["ttft_p50_ms"] else None
+    config = ref.path / "config.json"
+    if ceilings and config.is_file():
+        cost = model_cost(config)
+        report["model_cost"] = cost
+        for name, phase in report["phases"].items():
+            if name == "naive":
+                continue
+            tok_s = phase["output_tok_per_s"]
+            if name == "single" and phase.get("itl_p50_ms"):
+                tok_s = round(1000.0 / phase["itl_p50_ms"], 2)  # decode rate of the stream (TTFT excluded)
+                phase["decode_tok_per_s"] = tok_s
+            phase.update(fractions(tok_s, ceilings=ceilings, cost=cost, dtype=dtype, single_stream=name == "single"))
+    if len(rss) >= 3:
+        file_bytes = statistics.mean((store / a / "adapter_model.safetensors").stat().st_size for a in serving)
+        growth = (rss[str(len(serving))] - rss["1"]) / max(1, len(serving) - 1)
+        report["memory"] = {"rss_mib": {k: round(v, 1) for k, v in rss.items()}, "rss_growth_per_adapter_mib": round(growth, 2),
+                            "adapter_file_mib": round(file_bytes / 2**20, 2), "rss_growth_over_file_size": round(growth / (file_bytes / 2**20), 2)}
+    if peer is not None:
+        report["peer_llama_server"] = peer
+        if peer.get("mixed", {}).get("output_tok_per_s"):
+            report["ratios"]["mixed_over_llama_server_mixed"] = round(phases["mixed"].tok_per_s / peer["mixed"]["output_tok_per_s"], 2)
     if hot:
         report["hotload"] = {
             "load_ms": [round(v, 1) for v in hotload_ms],
@@ -369,7 +506,33 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
         }
     (out_dir / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     _plot(report, out_dir / "results.png")
-    print(json.dumps({"phases": report["phases"], "ratios": report["ratios"], "hotload": report.get("hotload")}, indent=2))
+    print(json.dumps({k: report.get(k) for k in ("ceilings", "phases", "ratios", "memory", "hotload", "peer_llama_server")}, indent=2))
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.png'}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _run_peer(args, ref, store: Path, serving: list[str], work: Path, common: dict, progress) -> dict:
+    """llama.cpp's llama-server with the same base (GGUF) and adapters: mixed, base, single."""
+    from loraplex.server.basemodel import embedded_gguf_path
+    from loraplex.server.bench_peer import convert_adapters, find_converter, lora_body, start_llama_server
+
+    binary = Path(args.peer_llama_server)
+    if not binary.is_file():
+        raise SystemExit(f"loraplex bench: error: --peer-llama-server {binary}: no such file")
+    progress.note("llama-server: converting adapters with convert_lora_to_gguf.py ...")
+    loras = convert_adapters(find_converter(binary), ref.path, store, serving, work / "gguf-loras")
+    proc, url = start_llama_server(binary, embedded_gguf_path(), loras, parallel=args.concurrency, ctx_per_slot=args.prompt_tokens + 2 * args.output_tokens + 8,
+                                   threads=2, log=work / "llama-server.log")
+    body = lora_body(serving)
+    results = {}
+    try:
+        for name, kwargs in (("mixed", dict(adapters=serving, mix=args.mix)), ("base", dict(adapters=[], mix="base")),
+                             ("single", dict(adapters=serving, mix="uniform", concurrency=1, requests=max(1, args.single_stream_requests)))):
+            run = {**common, **kwargs}
+            done = progress.phase(f"llama-server {name}", run["requests"])
+            results[name] = asyncio.run(run_load(url, name, body_for=body, on_done=done, **run)).summary()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return results

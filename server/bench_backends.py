@@ -14,6 +14,10 @@ synthetic rank-R adapters (all linear layers, peft format) and measures, in orde
    tok/s (tokens after the first / the time between them);
 3. aggregate output tok/s at each ``--backend-concurrency`` level (default 4 and 8), mixed adapters.
 
+Before the servers start it measures this machine's ceilings (``bench_ceilings.py``) and reports
+each backend's tok/s against the ceiling of the dtype it computes in (torch: its ``--dtype``
+choice; onnx: int4 weights, fp32 compute), the single stream also against the weight bandwidth.
+
 The onnx backend serves an int4 export of the same base made with ``loraplex export-onnx``
 (``--onnx-model`` to reuse one). Backends run one after the other, in ``--backends`` order,
 ``--repeats`` times alternating, so slow drifts of a shared machine hit both alike.
@@ -128,7 +132,7 @@ def run_backends(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-backends-"))
     try:
-        ref = resolve_base(args.base)
+        ref = resolve_base(args.base or "embedded")
         store = work / "adapters"
         adapters = write_synthetic_adapters(ref.path, store, args.synthetic_adapters, args.rank, args.seed)
         onnx_model = Path(args.onnx_model) if args.onnx_model else None
@@ -143,17 +147,35 @@ def run_backends(args) -> int:
             t0 = time.perf_counter()
             export_onnx(ExportConfig(output_path=onnx_model, model_name_or_path=str(ref.path), precision="int4"), say=lambda line: print(f"export-onnx: {line}", flush=True))
             export_seconds = round(time.perf_counter() - t0, 1)
+        from loraplex.server.bench_ceilings import fractions, measure_ceilings, model_cost
+
+        print("bench: measuring this machine's GEMM and memory ceilings ...", flush=True)
+        ceilings = measure_ceilings()
+        cost = model_cost(ref.path / "config.json") if (ref.path / "config.json").is_file() else None
         runs: dict[str, list[dict]] = {b: [] for b in backends}
         for round_ in range(args.repeats):
             for backend in backends:
                 print(f"bench: backend {backend}, round {round_ + 1}/{args.repeats} ...", flush=True)
                 runs[backend].append(_measure_backend(args, ref, store, adapters, work, backend, onnx_model, round_))
         results = {b: _merge(r) for b, r in runs.items()}
+        if cost is not None:  # each backend against the ceilings of the dtype it computes in
+            from loraplex.server.basemodel.loading import cpu_has_fast_bf16
+
+            for name, result in results.items():
+                dtype = "int4" if name.startswith("onnx") else ("bfloat16" if cpu_has_fast_bf16() and "float32" not in args.server_args else "float32")
+                result["served_dtype"] = dtype
+                single = result["single_stream"]
+                if single.get("decode_tok_per_s"):
+                    single.update(fractions(single["decode_tok_per_s"], ceilings=ceilings, cost=cost, dtype=dtype, single_stream=True))
+                for level in result["concurrency"].values():
+                    level.update(fractions(level["output_tok_per_s"], ceilings=ceilings, cost=cost, dtype=dtype))
         report = {
             "settings": {k: v for k, v in vars(args).items() if k not in ("func", "command")},
             "base": {"id": ref.id, "fingerprint": ref.fingerprint},
             "adapters": {"count": len(adapters), "rank": args.rank, "targets": "all-linear"},
             "onnx_export_seconds": export_seconds,
+            "ceilings": ceilings,
+            "model_cost": cost,
             "backends": results,
         }
         if "torch" in results:
@@ -169,7 +191,7 @@ def run_backends(args) -> int:
                 if name != "torch"
             }
         (out_dir / "backends.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(json.dumps({k: report[k] for k in ("backends", "ratios_over_torch") if k in report}, indent=2))
+        print(json.dumps({k: report[k] for k in ("ceilings", "backends", "ratios_over_torch") if k in report}, indent=2))
         print(f"wrote {out_dir / 'backends.json'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -47,6 +47,9 @@ def _adapter_summary(store, name: str) -> dict:
                 created_at=manifest.created_at,
             )
         summary["status"] = "ok"
+        verdict = (summary.get("metrics") or {}).get("verdict")  # train-adapter's judgement of its own result
+        if verdict and verdict != "ok":
+            summary["status"] = verdict
     except LoraplexError as exc:
         summary.update(status="invalid", error=str(exc))
     return summary
@@ -71,7 +74,10 @@ def _cmd_adapters_list(args: argparse.Namespace) -> int:
         score = ""
         if metrics.get("base") is not None and metrics.get("adapter") is not None:
             score = f"{metrics['metric']}: {metrics['base']:.3f} -> {metrics['adapter']:.3f}"
-        table.add_row(row["name"], str(row.get("rank", "")), str(row.get("task") or ""), score, row["status"] if row["status"] == "ok" else row["error"])
+        status = row["error"] if row["status"] == "invalid" else row["status"]
+        if row["status"] not in ("ok", "invalid"):
+            status = f"{row['status']}: {metrics.get('verdict_detail') or ''}"
+        table.add_row(row["name"], str(row.get("rank", "")), str(row.get("task") or ""), score, status)
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     return 0
 
@@ -109,6 +115,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from loraplex.server.api.http.connections import guarded_protocol
     from loraplex.server.runtime import begin_drain, create_server_app, reload_keys
     from loraplex.server.settings import ServerSettings
 
@@ -151,8 +158,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                                    timeout_graceful_shutdown=settings.shutdown_timeout + 5))
+    http = guarded_protocol(header_timeout=settings.http_header_timeout, body_timeout=settings.http_body_timeout, max_connections=settings.http_max_connections)
+    server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
+                                    timeout_keep_alive=settings.http_keep_alive_timeout, timeout_graceful_shutdown=settings.shutdown_timeout + 5))
     server.run()
     if failures:
         print(f"loraplex serve: error: {failures[0]}", file=sys.stderr)
@@ -222,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(serve)
     serve.set_defaults(func=_cmd_serve)
 
-    bench = sub.add_parser("bench", help="benchmark a server: mixed-adapter vs base-only vs naive peft throughput, latency, hot-load")
+    bench = sub.add_parser("bench", help="benchmark a server against this machine's measured ceilings: mixed vs base at concurrency 64, single stream, burst TTFT, hot-load, memory")
     from loraplex.server import bench as bench_module
 
     bench_module.add_arguments(bench)
@@ -285,8 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loraplex.server.logs import quiet_third_party
+
+    quiet_third_party()  # before any subcommand imports bitsandbytes / peft / transformers
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve":
+        quiet_third_party(progress_bars=False)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

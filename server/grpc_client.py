@@ -8,6 +8,9 @@
 
 ``adapter=""`` is the bare base. Sampling keywords: max_tokens, temperature, top_p, top_k, seed,
 stop, stop_token_ids, ignore_eos. Errors raise ``grpc.RpcError`` with the server's status code.
+
+A light module: grpcio and the generated stubs (``loraplex.v1``) only. It imports no server code,
+so a client never pulls in torch or the model (an import contract and a test keep it so).
 """
 
 from __future__ import annotations
@@ -17,9 +20,13 @@ from typing import Iterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loraplex.server.api.grpc.server import MAX_RECEIVE_BYTES, MAX_SEND_BYTES
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
+
+#: the server's message limits seen from this side (server/api/grpc/server.py; a test keeps them
+#: equal): the client may send what the server receives and receive what the server sends.
+CLIENT_SEND_BYTES = 4 * 1024 * 1024
+CLIENT_RECEIVE_BYTES = 16 * 1024 * 1024
 
 
 def sampling(**kwargs) -> pb.SamplingParams:
@@ -36,7 +43,7 @@ class LoraplexGrpcClient:
     def __init__(self, address: str = "127.0.0.1:50051", *, timeout: float | None = 300.0) -> None:
         self.channel = grpc.insecure_channel(
             address,
-            options=[("grpc.max_receive_message_length", MAX_SEND_BYTES), ("grpc.max_send_message_length", MAX_RECEIVE_BYTES)],
+            options=[("grpc.max_receive_message_length", CLIENT_RECEIVE_BYTES), ("grpc.max_send_message_length", CLIENT_SEND_BYTES)],
         )
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)

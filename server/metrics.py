@@ -30,7 +30,7 @@ class ServerMetrics:
         self.e2e_latency = Histogram("loraplex_e2e_request_latency_seconds", "End-to-end request latency.", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("loraplex_time_to_first_token_seconds", "Time to first token.", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.itl = Histogram("loraplex_inter_token_latency_seconds", "Time between tokens of one request.", ["adapter"], buckets=_TOKEN_BUCKETS, registry=r)
-        self.queue_time = Histogram("loraplex_queue_time_seconds", "Time from arrival to first token scheduled.", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("loraplex_queue_time_seconds", "Time from submission to admission into the running batch.", ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.running = Gauge("loraplex_num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("loraplex_num_requests_waiting", "Requests waiting to join the batch.", registry=r)
         self.resident = Gauge("loraplex_adapters_resident", "Adapters resident in memory.", registry=r)
@@ -56,9 +56,91 @@ class ServerMetrics:
         for gauge, fn in ((self.running, running), (self.vllm_running, running), (self.waiting, waiting), (self.vllm_waiting, waiting), (self.vllm_kv, kv_usage), (self.resident, resident)):
             gauge.set_function(fn)
 
+    def observe_batch(self, running: int) -> None:
+        """Engine thread, after each step: the size of the running batch (idle steps not counted)."""
+        if running:
+            self.batch_size.observe(running)
+
     def set_lora_info(self, max_lora: int, running: Iterable[str], waiting: Iterable[str]) -> None:
         self.vllm_lora.clear()
         self.vllm_lora.labels(str(max_lora), ",".join(sorted(set(running))), ",".join(sorted(set(waiting)))).set(time.time())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestClock:
+    """The latency series of one request, each observed at the moment that defines it:
+
+    - queue time: submitted to the scheduler -> admitted into the engine's batch (``admitted``,
+      reported from the engine thread through the request's admission hook);
+    - time to first token: submitted -> first token; inter-token latency: between two tokens;
+    - end-to-end: submitted -> finished (whatever the finish reason).
+
+    Times are ``time.perf_counter()`` values; the caller passes the time an event happened (a token
+    stamped on the engine thread), so queueing on the event loop does not skew them.
+    """
+
+    def __init__(self, metrics: ServerMetrics, adapter: str, submitted: float | None = None) -> None:
+        self.metrics, self.adapter = metrics, adapter
+        self.submitted = time.perf_counter() if submitted is None else submitted
+        self.admitted_at: float | None = None
+        self.last_token_at: float | None = None
+
+    def admitted(self, at: float) -> None:
+        if self.admitted_at is None:
+            self.admitted_at = at
+            self.metrics.queue_time.labels(self.adapter).observe(at - self.submitted)
+
+    def token(self, at: float) -> None:
+        if self.last_token_at is None:
+            self.metrics.ttft.labels(self.adapter).observe(at - self.submitted)
+        else:
+            self.metrics.itl.labels(self.adapter).observe(at - self.last_token_at)
+        self.last_token_at = at
+
+    @property
+    def started(self) -> bool:
+        """A first token was seen."""
+        return self.last_token_at is not None
+
+    def finished(self, at: float | None = None) -> None:
+        self.metrics.e2e_latency.labels(self.adapter).observe((time.perf_counter() if at is None else at) - self.submitted)
+
+
+
+class AdapterActivity:
+    """Adapters with requests waiting and running, published as ``vllm:lora_requests_info`` (the
+    Gateway API Inference Extension routes on it) at every change. The bare base is counted but
+    never listed. Event-loop thread only."""
+
+    def __init__(self, metrics: ServerMetrics, max_loras: int, base_name: str) -> None:
+        self.metrics, self.max_loras, self.base_name = metrics, max_loras, base_name
+        self.waiting: dict[str, int] = {}
+        self.running: dict[str, int] = {}
+        self.publish()
+
+    def _add(self, table: dict[str, int], name: str, delta: int) -> None:
+        table[name] = table.get(name, 0) + delta
+        if table[name] <= 0:
+            table.pop(name, None)
+
+    def enter(self, name: str) -> None:
+        """A request for ``name`` is waiting for its first token."""
+        self._add(self.waiting, name, +1)
+        self.publish()
+
+    def start(self, name: str) -> None:
+        """Its first token arrived: waiting -> running."""
+        self._add(self.waiting, name, -1)
+        self._add(self.running, name, +1)
+        self.publish()
+
+    def leave(self, name: str, started: bool) -> None:
+        """It ended (after ``start`` when ``started``)."""
+        self._add(self.running if started else self.waiting, name, -1)
+        self.publish()
+
+    def publish(self) -> None:
+        listed = lambda table: [n for n in table if n != self.base_name]  # noqa: E731
+        self.metrics.set_lora_info(self.max_loras, listed(self.running), listed(self.waiting))

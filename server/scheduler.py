@@ -1,5 +1,7 @@
-"""The scheduler: the one thread that owns the engine. Requests wait in a bounded queue and join
-the running batch at the next step; commands (adapter installs) run between steps.
+"""The scheduler: the one thread that owns the engine. Requests wait in a bounded queue and are
+admitted into the engine while it has a free row; the engine's own token budget spreads their
+prefill over the next steps. Commands (adapter installs) run between steps. Talks to the engine
+only through the ``Engine`` protocol (``engine/protocol.py``): ``admit`` and ``step``.
 
 Other threads only call ``submit``, ``cancel`` and ``call``; the engine is never touched
 concurrently, and no other thread writes the engine's objects: a cancellation is a command the
@@ -14,19 +16,22 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from loraplex.server.engine.engine import FINISH_ERROR, Engine, EngineRequest
+from loraplex.server.engine.protocol import Engine
+from loraplex.server.engine.rows import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, EngineRequest
+from loraplex.server.engine.sampling import SamplingParams
 from loraplex.server.errors import Overloaded
+
+#: what callers of the scheduler use of the engine's types (the service imports them from here,
+#: never from the engine: import contract "service-via-scheduler")
+__all__ = ["Scheduler", "EngineRequest", "SamplingParams", "FINISH_CANCELLED", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP"]
 
 log = logging.getLogger("loraplex.scheduler")
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_queue: int, max_prefills_per_step: int = 2) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int) -> None:
         self.engine = engine
         self.max_queue = max_queue
-        # A burst of arrivals is admitted a few per step, so running rows keep getting tokens and
-        # adapter loads wait for at most a few prefills (inter-token latency and hot-load latency).
-        self.max_prefills_per_step = max_prefills_per_step
         self.waiting: deque[EngineRequest] = deque()
         self.commands: deque[tuple[Callable[[Engine], Any], Future]] = deque()
         self.cancels: deque[tuple[EngineRequest, str]] = deque()
@@ -107,9 +112,9 @@ class Scheduler:
             self._admit()
             if self.engine.num_running:
                 try:
-                    self.engine.decode()
+                    self.engine.step()
                 except Exception:
-                    log.exception("decode step failed; ending the running requests")
+                    log.exception("engine step failed; ending the running requests")
                     self.engine.fail_all(FINISH_ERROR)
             self.steps += 1
             if self.on_step is not None:
@@ -126,9 +131,8 @@ class Scheduler:
             request.emit(None, request.cancel_reason)
 
     def _admit(self) -> None:
-        admitted = 0
-        while self.engine.has_capacity() and (admitted < self.max_prefills_per_step or not self.engine.num_running):
-            admitted += 1
+        """Every waiting request the engine has a row for; the engine paces their prefill."""
+        while self.engine.has_capacity():
             with self._cv:
                 if not self.waiting:
                     return
@@ -136,8 +140,13 @@ class Scheduler:
             if request.cancelled:
                 request.emit(None, request.cancel_reason)
                 continue
+            if request.on_admit is not None:
+                try:
+                    request.on_admit()
+                except Exception:  # a metrics hook must never stop the engine thread
+                    log.exception("admission hook failed for request %s", request.request_id)
             try:
-                self.engine.prefill(request)
+                self.engine.admit(request)
             except Exception:
-                log.exception("prefill failed for request %s", request.request_id)
+                log.exception("admission failed for request %s", request.request_id)
                 request.emit(None, FINISH_ERROR)

@@ -34,8 +34,17 @@ class ServerSettings(BaseSettings):
         "auto", description="bitsandbytes quantization of the base; auto = none on CPU, nf4 on CUDA"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the model runs")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="torch backend compute dtype; auto = bfloat16 on CUDA and on CPUs with AMX or AVX512-BF16, float32 elsewhere"
+    )
+    max_num_batched_tokens: int = Field(
+        512, ge=1, description="torch backend: tokens per engine step (one per decoding sequence, the rest prompt chunks)"
+    )
     max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
+    adapter_wait_timeout: float = Field(
+        5.0, ge=0, description="seconds a request for a non-resident adapter waits for a slot when all --max-loras are busy, then 429"
+    )
     max_batch_size: int = Field(16, ge=1, description="sequences decoded together in one forward")
     max_model_len: int = Field(2048, ge=8, description="prompt + generated tokens per request")
     max_queue: int = Field(256, ge=0, description="requests waiting beyond the running batch; more get 429")
@@ -50,6 +59,11 @@ class ServerSettings(BaseSettings):
     api_key: str | None = Field(None, description="a single admin key for everything (simple mode)")
     metrics_require_key: bool = Field(False, description="with API keys on, /metrics also needs a valid key (any role)")
     vllm_metrics: bool = Field(True, description="also export vllm:* metric names (Gateway API Inference Extension routing)")
+    ui_allow_training: bool = Field(False, description="let admin keys start train-adapter from the web console (/ui), writing into the store")
+    http_header_timeout: float = Field(30, ge=0, description="seconds a connection has to send a complete request head; then 408 and closed (0 = no limit)")
+    http_body_timeout: float = Field(60, ge=0, description="seconds a request body has to arrive once its head is in; then 408 and closed (0 = no limit)")
+    http_keep_alive_timeout: float = Field(5, gt=0, description="seconds an idle keep-alive connection stays open between requests")
+    http_max_connections: int = Field(1000, ge=0, description="open HTTP connections at most; more get 503 and are closed (0 = no limit)")
     log_level: str = Field("info", description="uvicorn log level")
 
     @field_validator("preload", mode="before")

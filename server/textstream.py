@@ -1,10 +1,86 @@
-"""Token ids -> text deltas for one request: incremental detokenization that never splits a
-UTF-8 character, and stop strings (the text is cut before the first stop string, and text that
-could still become a stop string is held back until it can't)."""
+"""Token ids -> text deltas for one request: incremental detokenization in O(1) per token that
+never splits a UTF-8 character, and stop strings (the text is cut before the first stop string,
+and text that could still become a stop string is held back until it can't).
+
+Decoding: a fast (``tokenizers``) tokenizer goes through ``tokenizers.decoders.DecodeStream``,
+which keeps a small window of ids and returns only the new text (None while a character is
+incomplete); any other tokenizer through the same prefix-offset idea written out here: decode
+only the ids since the last complete character, and emit what extends the text already decoded
+from them. Either way a token costs the same whatever the length of the text so far.
+
+Only the text not yet emitted (held back for stop strings or incomplete characters) is kept, so
+stop-string search is bounded too. Knows tokenizers and strings; nothing of requests or HTTP.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
+
+REPLACEMENT = "\ufffd"
+
+
+class _PrefixOffsetDecoder:
+    """Incremental decoding with ``tokenizer.decode`` over a bounded window of ids."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []  # the window: ids since the last complete character (and one before)
+        self.prefix = 0  # ids[:prefix] are context: their text was emitted already
+        self.prefix_text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self._decode(self.ids)
+        if text.endswith(REPLACEMENT) or len(text) <= len(self.prefix_text) or not text.startswith(self.prefix_text):
+            return ""  # an incomplete character (or nothing new yet): wait for more ids
+        delta = text[len(self.prefix_text) :]
+        # keep the last id as context (tokenizers that merge spaces across ids decode it differently alone)
+        self.ids = self.ids[-1:]
+        self.prefix_text = self._decode(self.ids)
+        return delta
+
+    def rest(self) -> str:
+        """What the window holds beyond the emitted text (an incomplete character, replaced)."""
+        text = self._decode(self.ids)
+        return text[len(self.prefix_text) :] if text.startswith(self.prefix_text) else ""
+
+
+class _StreamDecoder:
+    """``tokenizers``' ``DecodeStream`` over a fast tokenizer's backend."""
+
+    def __init__(self, tokenizer, backend) -> None:
+        from tokenizers.decoders import DecodeStream
+
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.stream = DecodeStream(skip_special_tokens=True)
+        self.pending: list[int] = []  # ids whose text the stream has not returned yet
+
+    def step(self, token_id: int) -> str:
+        chunk = self.stream.step(self.backend, token_id)
+        if chunk is None:
+            self.pending.append(token_id)
+            return ""
+        self.pending = []
+        return chunk
+
+    def rest(self) -> str:
+        if not self.pending:
+            return ""
+        return self.tokenizer.decode(self.pending, skip_special_tokens=True)
+
+
+def _decoder_for(tokenizer):
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        try:
+            return _StreamDecoder(tokenizer, backend)
+        except ImportError:  # tokenizers without DecodeStream (< 0.21)
+            pass
+    return _PrefixOffsetDecoder(tokenizer)
 
 
 class TextAssembler:
@@ -12,33 +88,32 @@ class TextAssembler:
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
         self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.ids: list[int] = []
-        self.emitted = 0  # characters of the text already returned
+        self.decoder = _decoder_for(tokenizer)
+        self.pending = ""  # decoded text not emitted yet (held back), bounded by the longest stop string
         self.stopped = False
-
-    def _text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> str:
         """Append a token; return the new text that is safe to emit (may be empty)."""
-        self.ids.append(token_id)
-        text = self._text()
-        hits = [at for stop in self.stop if (at := text.find(stop, max(0, self.emitted - len(stop)))) != -1]
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.step(token_id)
+        text = self.pending
+        hits = [at for stop in self.stop if (at := text.find(stop)) != -1]
         if hits:  # the earliest stop string in the text wins, whatever its place in the list
             self.stopped = True
-            return self._take(text, min(hits))
+            return self._take(min(hits))
         safe = len(text) - self.hold
         # incomplete multi-byte characters decode as one or more U+FFFD (byte-fallback tokenizers): hold them all
-        safe = min(safe, len(text.rstrip("\ufffd")))
-        return self._take(text, safe)
+        safe = min(safe, len(text.rstrip(REPLACEMENT)))
+        return self._take(safe)
 
     def flush(self) -> str:
         if self.stopped:
             return ""
-        return self._take(self._text(), None)
+        self.pending += self.decoder.rest()
+        return self._take(len(self.pending))
 
-    def _take(self, text: str, end: int | None) -> str:
-        end = len(text) if end is None else max(self.emitted, end)
-        delta = text[self.emitted : end]
-        self.emitted = end
+    def _take(self, end: int) -> str:
+        end = max(0, end)
+        delta, self.pending = self.pending[:end], self.pending[end:]
         return delta

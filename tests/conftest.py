@@ -11,6 +11,9 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Servers started by tests compute in fp32, where greedy output equals the fp32 peft oracle exactly
+# (--dtype auto would pick bf16 on AMX CPUs; bf16 is checked against a bf16 oracle in test_engine.py).
+os.environ.setdefault("LORAPLEX_DTYPE", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -76,3 +76,37 @@ def cached_oracle(base_dir, adapters: dict, n_default: int):
         return cache[key]
 
     return expected
+
+
+def reference_logits(base_dir, adapter_dir, ids, *, dtype=None):
+    """peft's PeftModel with one adapter (None = bare base) at ``dtype``: next-token logits
+    [len(ids), vocab] (fp32) for every prefix of ``ids``, in one forward (teacher forcing)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([list(ids)])).logits[0].float()
+
+
+def check_greedy_within(logits, prompt_len, tokens, tol):
+    """The check for engines at reduced precision: ``tokens`` (the engine's greedy output after a
+    prompt of ``prompt_len``) against the reference ``logits`` over prompt + tokens. At every step
+    the engine's token must score within ``tol`` of the reference's best, and must BE the
+    reference's best wherever the reference's top-2 margin exceeds ``tol`` (elsewhere a near-tie
+    may legitimately go either way, after which both continue from the engine's choice, since the
+    reference is teacher-forced on it). Returns the number of steps that were near-ties."""
+    ties = 0
+    for i, token in enumerate(tokens):
+        row = logits[prompt_len - 1 + i]
+        top2 = torch.topk(row, 2).values
+        best = int(torch.argmax(row))
+        assert float(row[token]) >= float(top2[0]) - tol, (i, token, best, float(top2[0] - row[token]))
+        if float(top2[0] - top2[1]) > tol:
+            assert token == best, (i, token, best, float(top2[0] - top2[1]))
+        else:
+            ties += 1
+    return ties

@@ -1,5 +1,6 @@
-"""``train-adapter``: the command line. Parses flags into TrainConfig objects, runs the
-trainer, prints the summary table; every user error is one line on stderr and exit code 2."""
+"""``train-adapter``: the command line. Parses flags into TrainConfig objects, runs the trainer (or
+the search, or an eval-only scoring), prints the summary table and the verdict of each adapter in
+words; every user error is one line on stderr and exit code 2."""
 
 from __future__ import annotations
 
@@ -15,32 +16,45 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    try:
+        from datasets.utils import logging as ds_logging
+
+        ds_logging.set_verbosity_error()
+        ds_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - datasets is a dependency
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     from loraplex.server.errors import LoraplexError
-    from loraplex.training.config import configs_from_argv
+    from loraplex.training.config import parse_command
 
     try:
-        configs = configs_from_argv(argv)
+        command = parse_command(argv)
     except LoraplexError as exc:
         print(f"train-adapter: error: {exc}", file=sys.stderr)
         return 2
     _quiet_libraries()
     from rich.console import Console
 
-    from loraplex.training.report import summary_table
-    from loraplex.training.trainer import train_all
+    from loraplex.training.report import summary_table, verdict_lines
 
+    console = Console(width=None if sys.stdout.isatty() else 140)
     try:
-        results = train_all(configs)
+        if command.search is not None:
+            from loraplex.training.search import run_search
+
+            results = [run_search(command.configs[0], command.search, console)]
+        else:
+            from loraplex.training.trainer import train_all
+
+            results = train_all(command.configs)
     except LoraplexError as exc:
         print(f"train-adapter: error: {exc}", file=sys.stderr)
         return 2
-    console = Console(width=None if sys.stdout.isatty() else 120)
     console.print(summary_table(results))
-    for r in results:
-        console.print(f"published {r.name} -> {r.path}")
+    for line in verdict_lines(results):
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
     return 0
 
 

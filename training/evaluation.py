@@ -1,17 +1,27 @@
-"""Generation-based metrics on the eval split: greedy decoding, then a score per metric.
+"""Metrics on the eval split and what they say about an adapter.
 
-``accuracy``: normalized answer equals the normalized reference (case, surrounding spaces and
-punctuation ignored; first line only). ``exact_match``: stripped strings equal. ``f1``: macro F1
-over the reference labels (classification). ``rouge``: mean ROUGE-L F-measure (rouge-score).
-``loss`` is computed by the trainer, not here. This module knows nothing of adapters.
+Generation metrics (greedy decoding, then a score): ``accuracy`` (normalized answer equals the
+normalized reference: case, surrounding spaces and punctuation ignored, first line only),
+``exact_match`` (stripped strings equal), ``f1`` (macro F1 over the reference labels), ``bleu``
+(sacrebleu corpus BLEU, 0-100), ``rouge1``/``rouge2``/``rougeL``/``rougeLsum`` (mean F-measure,
+rouge-score). ``loss`` and ``perplexity`` (exp of the mean eval loss per target token) come from the
+trainer's eval loss. ``judge`` turns base-vs-adapter scores into a verdict in words. This module
+knows nothing of adapters or training.
 """
 
 from __future__ import annotations
 
+import math
 import string
+from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 _PUNCT = string.punctuation + " \t\r\n"
+#: Metrics where lower is better.
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+#: Metrics that compare a predicted label with the reference label.
+LABEL_METRICS = frozenset({"accuracy", "f1", "exact_match"})
 
 
 def normalize_answer(text: str) -> str:
@@ -40,20 +50,78 @@ def macro_f1(predictions: Sequence[str], references: Sequence[str]) -> float:
     return sum(scores) / max(1, len(scores))
 
 
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    from rouge_score import rouge_scorer
+def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
+    import sacrebleu
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    total = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references))
-    return total / max(1, len(references))
+    return float(sacrebleu.corpus_bleu([p.strip() for p in predictions], [[r.strip() for r in references]]).score)
+
+
+def _rouge(key: str) -> Callable[[Sequence[str], Sequence[str]], float]:
+    def score(predictions: Sequence[str], references: Sequence[str]) -> float:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer([key], use_stemmer=False)
+        total = sum(scorer.score(r, p)[key].fmeasure for p, r in zip(predictions, references))
+        return total / max(1, len(references))
+
+    score.__name__ = key
+    return score
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    return _rouge("rougeL")(predictions, references)
+
+
+def perplexity(eval_loss: float | None) -> float | None:
+    if eval_loss is None:
+        return None
+    return math.exp(min(eval_loss, 700.0))  # exp overflows past ~709
 
 
 GENERATION_METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "accuracy": accuracy,
     "exact_match": exact_match,
     "f1": macro_f1,
-    "rouge": rouge_l,
+    "bleu": bleu,
+    "rouge1": _rouge("rouge1"),
+    "rouge2": _rouge("rouge2"),
+    "rougeL": _rouge("rougeL"),
+    "rougeLsum": _rouge("rougeLsum"),
 }
+
+
+def chance_level(references: Sequence[str]) -> float | None:
+    """For label-like references: the share of the most common label (what always guessing it scores)."""
+    labels = [normalize_answer(r) for r in references]
+    counts = Counter(labels)
+    if not labels or not 1 < len(counts) <= 32 or len(counts) * 2 > len(labels):
+        return None
+    return counts.most_common(1)[0][1] / len(labels)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """``ok``, ``no_gain`` (the adapter does not beat the base) or ``below_chance``; ``detail`` in words."""
+
+    status: str
+    detail: str
+
+
+def judge(scores: dict[str, dict[str, float | None]], primary: str, chance: float | None) -> Verdict:
+    """Compare adapter with base on the primary metric, and label metrics with chance."""
+    base, adapted = scores[primary]["base"], scores[primary]["adapter"]
+    if chance is not None and primary in ("accuracy", "exact_match") and adapted is not None and adapted <= chance + 1e-9:
+        return Verdict(
+            "below_chance",
+            f"{primary} {adapted:.3f} is at or below chance ({chance:.3f}, always answering the eval split's most common label): "
+            "the adapter has not learned the task",
+        )
+    if base is None or adapted is None:
+        return Verdict("ok", f"{primary}: {adapted}")
+    better = adapted < base if primary in LOWER_IS_BETTER else adapted > base
+    if not better:
+        return Verdict("no_gain", f"the adapter does not beat the base on {primary} ({base:.4f} -> {adapted:.4f})")
+    return Verdict("ok", f"the adapter beats the base on {primary} ({base:.4f} -> {adapted:.4f})")
 
 
 def generate_greedy(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int) -> list[str]:

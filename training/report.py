@@ -19,6 +19,9 @@ def write_report(path: Path, *, cfg, result, extra: dict[str, Any]) -> None:
         "base_eval_loss": result.base_eval_loss,
         "global_step": result.global_step,
         "seconds": round(result.seconds, 2),
+        "scores": result.scores,
+        "verdict": result.verdict,
+        "verdict_detail": result.verdict_detail,
         "config": cfg.to_dict(),
         "log_history": result.log_history,
         **extra,
@@ -54,21 +57,38 @@ def _fmt(value: float | None) -> str:
 
 
 def summary_table(results: Sequence[Any]):
-    """A rich Table: one row per adapter, base vs adapter on the chosen metric."""
+    """A rich Table: one row per adapter and metric, base vs adapter on the same eval split."""
     from rich.table import Table
 
     table = Table(title="train-adapter results on the eval split")
-    for column in ("adapter", "metric", "base", "adapter", "train loss", "eval loss base->adapter", "steps", "time"):
+    for column in ("adapter", "metric", "base", "adapter", "verdict", "train loss", "steps", "samples/s", "time"):
         table.add_column(column, no_wrap=True)
     for r in results:
-        table.add_row(
-            r.name,
-            r.metric,
-            _fmt(r.base_score),
-            _fmt(r.adapter_score),
-            _fmt(r.train_loss),
-            f"{_fmt(r.base_eval_loss)}->{_fmt(r.eval_loss)}",
-            str(r.global_step),
-            f"{r.seconds:.0f}s",
-        )
+        scores = r.scores or {r.metric: {"base": r.base_score, "adapter": r.adapter_score}}
+        if "loss" not in scores:
+            scores = {**scores, "loss": {"base": r.base_eval_loss, "adapter": r.eval_loss}}
+        for i, (metric, pair) in enumerate(scores.items()):
+            first = i == 0
+            rate = (r.throughput or {}).get("samples_per_second")
+            table.add_row(
+                r.name if first else "",
+                metric,
+                _fmt(pair["base"]),
+                _fmt(pair["adapter"]),
+                r.verdict if first else "",
+                _fmt(r.train_loss) if first else "",
+                str(r.global_step) if first else "",
+                (f"{rate:.2f}" if rate else "-") if first else "",
+                f"{r.seconds:.0f}s" if first else "",
+            )
     return table
+
+
+def verdict_lines(results: Sequence[Any]) -> list[str]:
+    """One sentence per adapter: published or scored, and whether it beats the base."""
+    lines = []
+    for r in results:
+        action = "scored" if r.global_step == 0 and r.train_loss is None else "published"
+        warning = "" if r.verdict == "ok" else "WARNING: "
+        lines.append(f"{warning}{action} {r.name} -> {r.path}: {r.verdict_detail or r.verdict}")
+    return lines

@@ -1,19 +1,22 @@
-"""Train adapters: load the base once per (base, method), train each config, publish each result.
+"""Train adapters: load the base once per (base, method, precision), train each config, publish each result.
 
 The loop itself is Hugging Face's ``Trainer`` (schedulers, accumulation, checkpoints, resume,
-early stopping, tensorboard); this module wires it to peft, our data and our store. Between two
-adapters sharing a base, peft's ``unload()`` strips the LoRA layers so the same loaded base
-serves the next one. Nothing here knows about serving.
+early stopping, tensorboard/wandb); this module wires it to peft, our data and our store. Between
+two adapters sharing a base, peft's ``unload()`` strips the LoRA layers so the same loaded base
+serves the next one. Base scores are taken on the bare base before peft wraps it (PiSSA/OLoRA
+rewrite the base weights). Nothing here knows about serving.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from loraplex.server import __version__
 from loraplex.server.basemodel import BaseModelRef, load_base_model, load_tokenizer, resolve_base
@@ -22,13 +25,34 @@ from loraplex.server.errors import AdapterExists
 from loraplex.server.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterManifest, AdapterStore, sha256_file, write_manifest
 from loraplex.server.store.manifest import EvalMetrics
 from loraplex.training.config import TrainConfig, TrainInputError
-from loraplex.training.data import PromptRenderer, SupervisedDataset, load_records, make_splits
-from loraplex.training.evaluation import GENERATION_METRICS, generate_greedy
-from loraplex.training.progress import LossProgressBar
+from loraplex.training.data import (
+    IGNORE_INDEX,
+    PackedCollator,
+    PackedDataset,
+    PromptRenderer,
+    SupervisedDataset,
+    prepare_records,
+)
+from loraplex.training.evaluation import GENERATION_METRICS, Verdict, chance_level, generate_greedy, judge, perplexity
+from loraplex.training.precision import use_bf16
+from loraplex.training.progress import LossProgressBar, ThroughputMeter, peak_memory_mb
 from loraplex.training.report import plot_losses, write_report
 
 #: Module types whose names can be LoRA targets (bitsandbytes layers subclass nn.Linear).
 _EXCLUDED_TARGETS = frozenset({"lm_head"})
+#: The hub id of the embedded base, written as ``base_model_name_or_path`` so plain peft finds it.
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+#: Initialisations that rewrite the base weights (the saved adapter is converted back to plain LoRA).
+_BASE_REWRITING_INITS = frozenset({"pissa", "olora"})
+
+
+@dataclass
+class PreparedData:
+    """Records checked before the base loads."""
+
+    fmt: str
+    train: list[dict]
+    eval: list[dict]
 
 
 @dataclass
@@ -46,6 +70,12 @@ class TrainResult:
     global_step: int
     seconds: float
     eval_examples: int
+    scores: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    verdict: str = "ok"
+    verdict_detail: str = ""
+    throughput: dict[str, float] = field(default_factory=dict)
+    memory: dict[str, float] = field(default_factory=dict)
+    bf16: bool = False
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -76,21 +106,39 @@ def resolve_target_modules(cfg: TrainConfig, model) -> list[str]:
     return requested
 
 
-def preflight(cfg: TrainConfig) -> None:
-    """Checks that need no model: fail before minutes of loading."""
+def warn(message: str) -> None:
+    print(f"train-adapter: warning: {message}", file=sys.stderr, flush=True)
+
+
+def preflight(cfg: TrainConfig) -> PreparedData:
+    """Checks that need no model (flags, store, every data record): fail before minutes of loading."""
     store = AdapterStore(cfg.store_root)
-    target = store.path_for(cfg.adapter_name)
-    if (target.exists() or target.is_symlink()) and not cfg.overwrite:
-        raise AdapterExists(f"adapter {cfg.adapter_name!r} already exists at {target}; pass --overwrite to replace it")
+    if cfg.eval_only:
+        store.existing(cfg.adapter_name)
+    else:
+        target = store.path_for(cfg.adapter_name)
+        if (target.exists() or target.is_symlink()) and not cfg.overwrite:
+            raise AdapterExists(f"adapter {cfg.adapter_name!r} already exists at {target}; pass --overwrite to replace it")
     if cfg.method == "qlora":
         problem = bitsandbytes_problem()
         if problem:
             raise TrainInputError(f"--method qlora needs bitsandbytes, which cannot run here: {problem}", param="method")
-    records = load_records(cfg.data_paths)
-    make_splits(records, cfg)
+    if cfg.report_to == "wandb":
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise TrainInputError("--report_to wandb needs the wandb package, which is not installed (pip install wandb)", param="report_to")
+    fmt, train, evaluation = prepare_records(cfg)
     if cfg.resume_from_checkpoint and cfg.resume_from_checkpoint not in ("latest", "auto"):
         if not Path(cfg.resume_from_checkpoint).is_dir():
             raise TrainInputError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no such checkpoint folder")
+    if cfg.modules_to_save_list and not cfg.eval_only:
+        warn(
+            f"--modules_to_save {','.join(cfg.modules_to_save_list)}: the adapter will be trained and published, but "
+            "loraplex serve refuses adapters with modules_to_save: their fully trained copies of base modules would "
+            "replace the shared base for every row of a mixed-adapter batch. Use it for peft/transformers elsewhere."
+        )
+    return PreparedData(fmt, train, evaluation)
 
 
 def _total_steps(cfg: TrainConfig, n_train: int) -> int:
@@ -126,7 +174,16 @@ def _checkpointing_arguments(enabled: bool) -> dict[str, Any]:
     return {prefix: True, f"{prefix}_kwargs": {"use_reentrant": False}}
 
 
-def _training_arguments(cfg: TrainConfig, n_train: int):
+def _report_to(cfg: TrainConfig) -> list[str]:
+    if cfg.report_to == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline")  # never reach the network from here
+        os.environ.setdefault("WANDB_DIR", str(cfg.resolved_checkpoint_dir))
+        os.environ.setdefault("WANDB_PROJECT", "loraplex")
+        return ["wandb"]
+    return [] if cfg.report_to == "none" else [cfg.report_to]
+
+
+def _training_arguments(cfg: TrainConfig, n_train: int, bf16: bool):
     import torch
     from transformers import TrainingArguments
 
@@ -138,14 +195,19 @@ def _training_arguments(cfg: TrainConfig, n_train: int):
         save_steps = eval_steps  # the best checkpoint must exist to be restored
     return TrainingArguments(
         output_dir=str(cfg.resolved_checkpoint_dir),
+        run_name=cfg.adapter_name,
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        optim=cfg.optim,
+        max_grad_norm=cfg.max_grad_norm,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers >= 5: a float below 1 is a ratio of total steps
+        bf16=bf16,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy="steps",
@@ -157,7 +219,7 @@ def _training_arguments(cfg: TrainConfig, n_train: int):
         metric_for_best_model="eval_loss" if early else None,
         greater_is_better=False if early else None,
         **_checkpointing_arguments(cfg.gradient_checkpointing),
-        report_to=["tensorboard"] if cfg.report_to == "tensorboard" else [],
+        report_to=_report_to(cfg),
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(),
@@ -167,114 +229,256 @@ def _training_arguments(cfg: TrainConfig, n_train: int):
     )
 
 
-def _generation_score(cfg: TrainConfig, model, tokenizer, eval_ds: SupervisedDataset) -> tuple[float, list[str]]:
-    prompts = [ex.prompt for ex in eval_ds.rendered]
-    references = [ex.reference for ex in eval_ds.rendered]
-    max_new = cfg.max_new_tokens or min(256, max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 8)
-    predictions = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.per_device_eval_batch_size)
-    return GENERATION_METRICS[cfg.metric](predictions, references), predictions
+# ------------------------------------------------------------------ scoring
+def mean_eval_loss(model, eval_ds: SupervisedDataset, collator, batch_size: int) -> float:
+    """Mean cross-entropy per target token over the eval split (the model's own dtype, no autocast)."""
+    import torch
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for start in range(0, len(eval_ds), batch_size):
+            batch = collator([eval_ds[i] for i in range(start, min(len(eval_ds), start + batch_size))])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.no_grad():
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # [B, T, V]
+            labels = batch["labels"][:, 1:]  # [B, T-1]: token t+1 is predicted at position t
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            total += float(losses)
+            tokens += int((labels != IGNORE_INDEX).sum())
+    finally:
+        if was_training:
+            model.train()
+    return total / max(1, tokens)
 
 
-def train_one(cfg: TrainConfig, ref: BaseModelRef, model, tokenizer) -> tuple[TrainResult, Any]:
+def score_model(cfg: TrainConfig, model, tokenizer, eval_ds: SupervisedDataset, collator) -> tuple[dict[str, float], list[str]]:
+    """Every requested metric for ``model`` on the eval split, and its greedy predictions."""
+    loss = mean_eval_loss(model, eval_ds, collator, cfg.per_device_eval_batch_size)
+    scores: dict[str, float] = {"loss": loss}
+    wanted = cfg.metric_list
+    if "perplexity" in wanted:
+        scores["perplexity"] = perplexity(loss)
+    predictions: list[str] = []
+    generation = cfg.generation_metrics
+    if generation:
+        prompts = [ex.prompt for ex in eval_ds.rendered]
+        references = [ex.reference for ex in eval_ds.rendered]
+        max_new = cfg.max_new_tokens or min(256, max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 8)
+        predictions = generate_greedy(model, tokenizer, prompts, max_new_tokens=max_new, batch_size=cfg.per_device_eval_batch_size)
+        for name in generation:
+            scores[name] = GENERATION_METRICS[name](predictions, references)
+    return scores, predictions
+
+
+def compare(cfg: TrainConfig, base: dict[str, float], adapted: dict[str, float], references: list[str]) -> tuple[dict[str, dict[str, float | None]], Verdict]:
+    table = {name: {"base": base.get(name), "adapter": adapted.get(name)} for name in cfg.metric_list}
+    return table, judge(table, cfg.primary_metric, chance_level(references))
+
+
+# --------------------------------------------------------------- training
+@dataclass
+class LoadedBase:
+    ref: BaseModelRef
+    tokenizer: Any
+    model: Any
+    bf16: bool
+    bf16_reason: str
+
+
+def load_base(cfg: TrainConfig) -> LoadedBase:
+    ref = resolve_base(cfg.model_name_or_path)
+    tokenizer = load_tokenizer(ref)
+    model = load_base_model(ref, quantize="nf4" if cfg.method == "qlora" else "none")
+    bf16, reason = use_bf16(cfg.bf16)
+    return LoadedBase(ref, tokenizer, model, bf16, reason)
+
+
+def _lora_config(cfg: TrainConfig, targets: list[str]):
+    from peft import LoraConfig
+
+    init: bool | str = {"true": True, "false": False}.get(cfg.init_lora_weights, cfg.init_lora_weights)
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=init,
+        modules_to_save=cfg.modules_to_save_list,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def _check_packing(model) -> None:
+    implementation = getattr(model.config, "_attn_implementation", None) or "eager"
+    if implementation not in ("sdpa", "eager"):
+        raise TrainInputError(
+            f"--packing needs an attention implementation that masks packed examples from each other from their "
+            f"position ids (sdpa or eager); this base uses {implementation!r}",
+            param="packing",
+        )
+
+
+def base_model_reference(ref: BaseModelRef) -> str:
+    """What ``adapter_config.json`` names as the base: the hub id, or the folder's absolute path."""
+    if ref.is_embedded:
+        return EMBEDDED_HUB_ID
+    return str(ref.path) if ref.path.is_dir() and Path(ref.id).name == ref.path.name else ref.id
+
+
+def train_one(
+    cfg: TrainConfig,
+    base: LoadedBase,
+    data: PreparedData,
+    *,
+    publish: bool = True,
+    callbacks: tuple = (),
+    manifest_extra: dict[str, Any] | None = None,
+    base_scores: dict[str, float] | None = None,
+) -> tuple[TrainResult, Any]:
     """Train one adapter on an already loaded base; returns the result and the peft model."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, set_seed
     from transformers.trainer_callback import ProgressCallback
 
     started = time.monotonic()
     set_seed(cfg.seed)
-    records = load_records(cfg.data_paths)
-    train_records, eval_records = make_splits(records, cfg)
-    renderer = PromptRenderer(cfg, tokenizer)
-    train_ds = SupervisedDataset(train_records, renderer, tokenizer, cfg.max_seq_length, split="train")
-    eval_ds = SupervisedDataset(eval_records, renderer, tokenizer, cfg.max_seq_length, split="eval")
+    model, tokenizer = base.model, base.tokenizer
+    renderer = PromptRenderer(cfg, tokenizer, data.fmt)
+    train_ds = SupervisedDataset(data.train, renderer, tokenizer, cfg.max_seq_length, split="train")
+    eval_ds = SupervisedDataset(data.eval, renderer, tokenizer, cfg.max_seq_length, split="eval")
     targets = resolve_target_modules(cfg, model)
+    tokenizer.padding_side = "right"
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    train_set: Any = train_ds
+    train_collator: Callable = padded
+    if cfg.packing:
+        _check_packing(model)
+        train_set = PackedDataset(train_ds.items, cfg.max_seq_length)
+        train_collator = PackedCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id, unpacked=padded)
+
+    references = [ex.reference for ex in eval_ds.rendered]
+    if base_scores is None:  # on the bare base: PiSSA/OLoRA rewrite base weights once peft wraps them
+        base_scores, _ = score_model(cfg, model, tokenizer, eval_ds, padded)
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    lora_config = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    lora_config = _lora_config(cfg, targets)
     peft_model = get_peft_model(model, lora_config)
-    tokenizer.padding_side = "right"
+    initial_dir = None
+    if cfg.init_lora_weights in _BASE_REWRITING_INITS and publish:
+        # peft converts a PiSSA/OLoRA adapter back to plain LoRA on the original base from its initial state
+        initial_dir = cfg.resolved_checkpoint_dir / "initial-adapter"
+        peft_model.peft_config["default"].init_lora_weights = True
+        peft_model.save_pretrained(str(initial_dir), safe_serialization=True)
+        peft_model.peft_config["default"].init_lora_weights = cfg.init_lora_weights
+
+    samples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    meter = ThroughputMeter(samples_per_step)
     trainer = Trainer(
         model=peft_model,
-        args=_training_arguments(cfg, len(train_ds)),
-        train_dataset=train_ds,
+        args=_training_arguments(cfg, len(train_set), base.bf16),
+        train_dataset=train_set,
         eval_dataset=eval_ds,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        data_collator=train_collator,
         processing_class=tokenizer,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(LossProgressBar(cfg.adapter_name))
+    trainer.add_callback(meter)
+    trainer.add_callback(LossProgressBar(cfg.adapter_name, meter))
+    for callback in callbacks:
+        trainer.add_callback(callback)
     if cfg.early_stopping_patience is not None:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
 
-    with peft_model.disable_adapter():
-        base_eval_loss = trainer.evaluate()["eval_loss"]
-        base_score = None
-        if cfg.metric != "loss":
-            base_score, _ = _generation_score(cfg, peft_model, tokenizer, eval_ds)
-    output = trainer.train(resume_from_checkpoint=_resume_argument(cfg))
-    eval_loss = trainer.evaluate()["eval_loss"]
-    predictions: list[str] = []
-    if cfg.metric == "loss":
-        base_score, adapter_score = base_eval_loss, eval_loss
-    else:
-        adapter_score, predictions = _generation_score(cfg, peft_model, tokenizer, eval_ds)
-    history = list(trainer.state.log_history)
+    try:
+        output = trainer.train(resume_from_checkpoint=_resume_argument(cfg))
+    except BaseException:
+        base.model = peft_model.unload()  # leave the shared base clean for whoever catches this
+        raise
+    adapter_scores, predictions = score_model(cfg, peft_model, tokenizer, eval_ds, padded)
+    table, verdict = compare(cfg, base_scores, adapter_scores, references)
+    throughput = meter.figures()
+    if cfg.packing and throughput:
+        # a packed row holds several examples: count examples, not rows
+        per_row = train_set.examples / max(1, len(train_set))
+        throughput["samples_per_second"] = round(throughput["samples_per_second"] * per_row, 3)
+        throughput["examples_per_packed_row"] = round(per_row, 3)
+    primary = cfg.primary_metric
     result = TrainResult(
         name=cfg.adapter_name,
         path=cfg.store_root / cfg.adapter_name,
-        metric=cfg.metric,
-        base_score=base_score,
-        adapter_score=adapter_score,
+        metric=primary,
+        base_score=table[primary]["base"],
+        adapter_score=table[primary]["adapter"],
         train_loss=output.training_loss,
-        eval_loss=eval_loss,
-        base_eval_loss=base_eval_loss,
+        eval_loss=adapter_scores["loss"],
+        base_eval_loss=base_scores["loss"],
         global_step=trainer.state.global_step,
         seconds=time.monotonic() - started,
         eval_examples=len(eval_ds),
-        log_history=history,
+        scores=table,
+        verdict=verdict.status,
+        verdict_detail=verdict.detail,
+        throughput=throughput,
+        memory=peak_memory_mb(),
+        bf16=base.bf16,
+        log_history=list(trainer.state.log_history),
     )
-    _publish(cfg, ref, peft_model, targets, result, train_ds, eval_ds, predictions)
+    if publish:
+        _publish(cfg, base, peft_model, targets, result, data.fmt, train_ds, eval_ds, predictions, initial_dir, manifest_extra or {})
     return result, peft_model
 
 
-def _publish(cfg, ref, peft_model, targets, result, train_ds, eval_ds, predictions) -> None:
+def _open_permissions(folder: Path) -> None:
+    """Adapter folders 0755 and files 0644: a server running as another user must read them."""
+    for path in [folder, *folder.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
+def _publish(cfg, base: LoadedBase, peft_model, targets, result, fmt, train_ds, eval_ds, predictions, initial_dir, manifest_extra) -> None:
     store = AdapterStore(cfg.store_root)
     with store.staging(cfg.adapter_name) as staged:
-        peft_model.peft_config["default"].base_model_name_or_path = ref.id
-        peft_model.save_pretrained(str(staged), safe_serialization=True)
+        peft_model.peft_config["default"].base_model_name_or_path = base_model_reference(base.ref)
+        # embeddings are never LoRA targets here; "auto" would look the base up on the hub
+        save_kwargs: dict[str, Any] = {"safe_serialization": True, "save_embedding_layers": False}
+        if initial_dir is not None:
+            save_kwargs["path_initial_model_for_weight_conversion"] = str(initial_dir)
+        peft_model.save_pretrained(str(staged), **save_kwargs)
         if not (staged / ADAPTER_WEIGHTS).is_file() or not (staged / ADAPTER_CONFIG).is_file():
             raise RuntimeError(f"peft did not write {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} into {staged}")
+        saved = json.loads((staged / ADAPTER_CONFIG).read_text())  # PiSSA/OLoRA conversion doubles the rank
+        rank = max([int(saved["r"]), *map(int, (saved.get("rank_pattern") or {}).values())])
         metrics = EvalMetrics(
-            metric=cfg.metric,
+            metric=result.metric,
             base=result.base_score,
             adapter=result.adapter_score,
             eval_examples=result.eval_examples,
             train_loss=result.train_loss,
             eval_loss=result.eval_loss,
             base_eval_loss=result.base_eval_loss,
+            scores=result.scores,
+            verdict=result.verdict,
+            verdict_detail=result.verdict_detail,
         )
         manifest = AdapterManifest(
             name=cfg.adapter_name,
             task=cfg.task_name or cfg.adapter_name,
-            base_model_id=ref.id,
-            base_fingerprint=ref.fingerprint,
-            rank=cfg.lora_r,
-            alpha=cfg.lora_alpha,
+            base_model_id=base.ref.id,
+            base_fingerprint=base.ref.fingerprint,
+            rank=rank,
+            alpha=float(saved.get("lora_alpha", cfg.lora_alpha)),
             target_modules=tuple(targets),
             method=cfg.method,
             weights_sha256=sha256_file(staged / ADAPTER_WEIGHTS),
             training_args=cfg.to_dict(),
             metrics=metrics,
             loraplex_version=__version__,
+            **manifest_extra,
         )
         write_manifest(staged, manifest)
         write_report(
@@ -282,6 +486,12 @@ def _publish(cfg, ref, peft_model, targets, result, train_ds, eval_ds, predictio
             cfg=cfg,
             result=result,
             extra={
+                "data_format": fmt,
+                "bf16": result.bf16,
+                "bf16_reason": base.bf16_reason,
+                "throughput": result.throughput,
+                "memory": result.memory,
+                "packing": cfg.packing,
                 "train_examples": len(train_ds),
                 "eval_examples": len(eval_ds),
                 "truncated_away": {"train": train_ds.dropped, "eval": eval_ds.dropped},
@@ -292,26 +502,85 @@ def _publish(cfg, ref, peft_model, targets, result, train_ds, eval_ds, predictio
             },
         )
         plot_losses(result.log_history, staged / "loss.png", title=cfg.adapter_name)
+        _open_permissions(staged)
         store.publish(staged, cfg.adapter_name, overwrite=cfg.overwrite)
+
+
+def _group_key(cfg: TrainConfig) -> tuple[str, str]:
+    return (cfg.model_name_or_path, cfg.method)
 
 
 def train_all(configs: list[TrainConfig]) -> list[TrainResult]:
     """Train every config; the base is loaded once per (base model, method) pair."""
-    for cfg in configs:
-        preflight(cfg)
+    prepared = [preflight(cfg) for cfg in configs]
     results: list[TrainResult] = []
-    groups: dict[tuple[str, str], list[TrainConfig]] = {}
-    for cfg in configs:
-        groups.setdefault((cfg.model_name_or_path, cfg.method), []).append(cfg)
-    for (base_name, method), group in groups.items():
-        ref = resolve_base(base_name)
-        tokenizer = load_tokenizer(ref)
-        model = load_base_model(ref, quantize="nf4" if method == "qlora" else "none")
-        for cfg in group:
-            result, peft_model = train_one(cfg, ref, model, tokenizer)
+    groups: dict[tuple[str, str], list[tuple[TrainConfig, PreparedData]]] = {}
+    for cfg, data in zip(configs, prepared):
+        groups.setdefault(_group_key(cfg), []).append((cfg, data))
+    for group in groups.values():
+        base: LoadedBase | None = None
+        for cfg, data in group:
+            if base is None:
+                base = load_base(cfg)
+            base.bf16, base.bf16_reason = use_bf16(cfg.bf16)
+            if cfg.eval_only:
+                results.append(evaluate_existing(cfg, base, data))
+                continue
+            result, peft_model = train_one(cfg, base, data)
             results.append(result)
-            model = peft_model.unload()  # strip LoRA layers (no merge): the untouched base for the next adapter
+            if cfg.init_lora_weights in _BASE_REWRITING_INITS:
+                base = None  # PiSSA/OLoRA rewrote the base weights: the next adapter needs a fresh load
+            else:
+                base.model = peft_model.unload()  # strip LoRA layers (no merge): the untouched base for the next adapter
     return results
+
+
+def evaluate_existing(cfg: TrainConfig, base: LoadedBase, data: PreparedData) -> TrainResult:
+    """--eval_only: score a published adapter and the bare base on the eval records."""
+    from peft import PeftModel
+    from transformers import DataCollatorForSeq2Seq
+
+    from loraplex.server.store import read_manifest
+
+    started = time.monotonic()
+    folder = AdapterStore(cfg.store_root).existing(cfg.adapter_name)
+    manifest = read_manifest(folder)
+    if manifest is not None and manifest.base_fingerprint != base.ref.fingerprint:
+        raise TrainInputError(
+            f"adapter {cfg.adapter_name!r} was trained on base {manifest.base_model_id} (fingerprint {manifest.base_fingerprint}), "
+            f"not on {base.ref.id} ({base.ref.fingerprint}); pass its base with --model_name_or_path",
+            param="model_name_or_path",
+        )
+    tokenizer = base.tokenizer
+    renderer = PromptRenderer(cfg, tokenizer, data.fmt)
+    eval_ds = SupervisedDataset(data.eval, renderer, tokenizer, cfg.max_seq_length, split="eval")
+    tokenizer.padding_side = "right"
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    base_scores, _ = score_model(cfg, base.model, tokenizer, eval_ds, padded)
+    peft_model = PeftModel.from_pretrained(base.model, str(folder))
+    try:
+        adapter_scores, _ = score_model(cfg, peft_model, tokenizer, eval_ds, padded)
+    finally:
+        base.model = peft_model.unload()
+    references = [ex.reference for ex in eval_ds.rendered]
+    table, verdict = compare(cfg, base_scores, adapter_scores, references)
+    primary = cfg.primary_metric
+    return TrainResult(
+        name=cfg.adapter_name,
+        path=folder,
+        metric=primary,
+        base_score=table[primary]["base"],
+        adapter_score=table[primary]["adapter"],
+        train_loss=None,
+        eval_loss=adapter_scores["loss"],
+        base_eval_loss=base_scores["loss"],
+        global_step=0,
+        seconds=time.monotonic() - started,
+        eval_examples=len(eval_ds),
+        scores=table,
+        verdict=verdict.status,
+        verdict_detail=verdict.detail,
+    )
 
 
 def results_as_json(results: list[TrainResult]) -> str:

@@ -18,18 +18,30 @@ from loraplex.server.errors import (
     RequestInvalid,
 )
 
-#: error class -> (HTTP status, OpenAI error type)
+#: error class -> (HTTP status, OpenAI-style error type)
 HTTP_STATUS: dict[type[LoraplexError], tuple[int, str]] = {
-    Unauthenticated: (401, "AuthenticationError"),
-    PermissionDenied: (403, "PermissionDeniedError"),
-    RequestInvalid: (400, "BadRequestError"),
-    AdapterInvalid: (400, "BadRequestError"),
-    AdapterExists: (409, "ConflictError"),
-    AdapterNotFound: (404, "NotFoundError"),
-    Overloaded: (429, "RateLimitError"),
-    NotReady: (503, "ServiceUnavailableError"),
-    BaseModelError: (500, "InternalServerError"),
-    EngineFailure: (500, "InternalServerError"),
+    Unauthenticated: (401, "authentication_error"),
+    PermissionDenied: (403, "permission_error"),
+    RequestInvalid: (400, "invalid_request_error"),
+    AdapterInvalid: (400, "invalid_request_error"),
+    AdapterExists: (409, "conflict_error"),
+    AdapterNotFound: (404, "not_found_error"),
+    Overloaded: (429, "rate_limit_error"),
+    NotReady: (503, "service_unavailable_error"),
+    BaseModelError: (500, "server_error"),
+    EngineFailure: (500, "server_error"),
+}
+#: HTTP status -> (error type, code) for errors that are not loraplex errors (routing, body limits)
+STATUS_TYPES: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    404: ("not_found_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    408: ("invalid_request_error", "request_timeout"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limited"),
+    500: ("server_error", "internal_error"),
+    503: ("service_unavailable_error", "service_unavailable"),
 }
 RETRY_AFTER_SECONDS = 1
 
@@ -38,11 +50,18 @@ def http_status(exc: LoraplexError) -> tuple[int, str]:
     for cls in type(exc).__mro__:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
-    return 500, "InternalServerError"
+    return 500, "server_error"
 
 
-def openai_error_body(message: str, err_type: str, status: int, *, param: str | None = None, code: str | int | None = None) -> dict:
-    return {"error": {"message": message, "type": err_type, "param": param, "code": code if code is not None else status}}
+def openai_error_body(message: str, err_type: str, status: int, *, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error shape; ``code`` is always a string (the status's default when not given)."""
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code if code is not None else STATUS_TYPES.get(status, ("", f"http_{status}"))[1]}}
+
+
+def status_error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:
+    """The error body for a bare HTTP status (unknown route, wrong method, body limits, faults)."""
+    err_type, default_code = STATUS_TYPES.get(status, ("invalid_request_error" if status < 500 else "server_error", f"http_{status}"))
+    return openai_error_body(message, err_type, status, param=param, code=code or default_code)
 
 
 def http_error(exc: LoraplexError) -> tuple[int, dict, dict[str, str]]:

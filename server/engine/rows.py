@@ -2,15 +2,19 @@
 and the rules that end a sequence (stop ids, ``max_tokens``, model length, cancellation, a
 failed row).
 
-A backend (the torch engine, the onnxruntime-genai engine) subclasses ``RowEngine`` and
-implements ``prefill``, ``decode``, adapter install/removal and ``_forget_rows`` for its own
-per-row state. Runs on the scheduler's thread only. Knows token ids, never text.
+A backend subclasses ``RowEngine`` and either implements the protocol's ``admit``/``step`` itself
+(the torch engine: token-budgeted steps mixing prefill chunks and decode rows) or only
+``prefill``/``decode`` (the onnx engines), for which ``RowEngine`` provides ``admit``/``step``: a
+step prefills up to ``prefills_per_step`` admitted prompts one by one, then decodes every running
+row. Plus adapter install/removal and ``_forget_rows`` for its own per-row state. Runs on the
+scheduler's thread only. Knows token ids, never text.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,6 +37,8 @@ class EngineRequest:
     emit: Callable[[int | None, str | None], None]
     cancelled: bool = False
     cancel_reason: str = FINISH_CANCELLED
+    # engine thread, once, when the scheduler hands it to the engine (the end of its queue time)
+    on_admit: Callable[[], None] | None = None
 
 
 @dataclass
@@ -56,6 +62,10 @@ class RowEngine:
         self.max_model_len = max_model_len
         self.running: list[Running] = []
         self.peak_batch_size = 0
+        self.steps = 0
+        # admitted, not yet prefilled (the prefill/decode engines only; see ``step``)
+        self.admitted: deque[EngineRequest] = deque()
+        self.prefills_per_step = 2
         # Test hook (never set in production): requests whose id contains this string fail at
         # their third token, to prove a fault in one request leaves the others running.
         self._fault_marker = os.environ.get("LORAPLEX_TEST_FAIL_REQUEST_ID") or None
@@ -63,21 +73,61 @@ class RowEngine:
     # ---------------------------------------------------------------- state
     @property
     def num_running(self) -> int:
-        return len(self.running)
+        return len(self.running) + len(self.admitted)
 
     def has_capacity(self) -> bool:
-        return len(self.running) < self.max_batch_size
+        return self.num_running < self.max_batch_size
 
     def kv_usage(self) -> float:
-        """Fraction of the batch's token capacity in use (rows x max_model_len)."""
-        used = sum(r.length for r in self.running)
-        return used / float(self.max_batch_size * self.max_model_len)
+        return self.stats().kv_usage
+
+    def stats(self):
+        """EngineStats; capacity = rows x max_model_len (engines with a real cache override it)."""
+        from loraplex.server.engine.protocol import EngineStats
+
+        return EngineStats(
+            running=self.num_running,
+            kv_used_tokens=sum(r.length for r in self.running),
+            kv_capacity_tokens=self.max_batch_size * self.max_model_len,
+            peak_batch_size=self.peak_batch_size,
+            steps=self.steps,
+        )
+
+    # ------------------------------------------- protocol over prefill/decode
+    def admit(self, request: EngineRequest) -> None:
+        """Queue a request for prefill at the next steps (engines with their own ``admit`` override)."""
+        self.admitted.append(request)
+
+    def step(self) -> None:
+        """Prefill up to ``prefills_per_step`` admitted prompts (all of them when nothing
+        decodes), then one decode over the running rows."""
+        prefilled = 0
+        while self.admitted and (prefilled < self.prefills_per_step or not self.running):
+            request = self.admitted.popleft()
+            prefilled += 1
+            if request.cancelled:
+                request.emit(None, request.cancel_reason)
+                continue
+            try:
+                self.prefill(request)
+            except Exception:
+                log.exception("prefill failed for request %s", request.request_id)
+                request.emit(None, FINISH_ERROR)
+        if self.running:
+            self.decode()
+        self.steps += 1
+
+    def prefill(self, request: EngineRequest) -> None:  # pragma: no cover - implemented by the backends
+        raise NotImplementedError
+
+    def decode(self) -> None:  # pragma: no cover - implemented by the backends
+        raise NotImplementedError
 
     def stop_ids_for(self, params: SamplingParams) -> frozenset[int]:
         return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)
 
     def _refuse_if_busy(self, name: str) -> None:
-        if any(r.request.adapter == name for r in self.running):
+        if any(r.request.adapter == name for r in self.running) or any(r.adapter == name and not r.cancelled for r in self.admitted):
             raise RuntimeError(f"adapter {name!r} is still in use by running requests")
 
     def _check_fault_hook(self, running: Running) -> None:
@@ -141,5 +191,7 @@ class RowEngine:
         """End every running sequence (after an engine error); the engine stays usable."""
         for running in self.running:
             running.request.emit(None, reason)
+        while self.admitted:
+            self.admitted.popleft().emit(None, reason)
         self.running = []
         self._forget_rows([])

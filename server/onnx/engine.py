@@ -1,7 +1,9 @@
-"""The ``onnx`` backend's engine: onnxruntime-genai over a folder written by ``export-onnx``.
+"""The ``onnx`` backend's per-request engine (``--onnx-batching per-request``): onnxruntime-genai
+over a folder written by ``export-onnx``; and the onnx adapter payload both onnx engines install.
 
-Same contract as the torch engine (``RowEngine``: prefill / decode / adapters, driven by the
-scheduler's one thread), different batching: an onnxruntime-genai ``Generator`` batches rows of
+Same contract as every engine (``engine/protocol.py``: admit / step / adapters / stats, driven
+by the scheduler's one thread; ``RowEngine`` turns admit/step into prefill/decode here),
+different batching: an onnxruntime-genai ``Generator`` batches rows of
 ONE adapter fixed at its creation, and its continuous-batching ``Engine`` has no adapter support,
 so every request gets its own Generator (its own KV cache, its adapter set once, as
 onnxruntime-genai requires) and a decode step advances each running Generator by one token.
@@ -10,9 +12,11 @@ Sampling is ours, not onnxruntime-genai's: each step reads the last logits and s
 same code as the torch backend (greedy, temperature, top-p, seed), then appends the token; so
 both backends honour the same request fields and stop rules.
 
-Adapters: each resident adapter lives in its OWN ``og.Adapters`` container. Loading one touches
-no shared state, so it runs in a worker thread while decoding goes on; removal happens on the
-engine thread once no Generator uses it (onnxruntime-genai refuses to unload an adapter in use).
+Adapters: each resident adapter lives in its OWN ``og.Adapters`` container, held in a slot of the
+shared ``SlotTable`` (engine/slots.py; slots are only bookkeeping here: nothing is stacked).
+Loading one touches no shared state, so ``try_add_adapter_in_place`` does it from a worker
+thread while decoding goes on; removal happens on the engine thread once no Generator uses it
+(onnxruntime-genai refuses to unload an adapter in use).
 The files come from the backend's gate (``gate.py``: validation + conversion of peft adapters).
 
 A row that leaves ``running`` drops the last reference to its Generator, which frees its KV
@@ -23,24 +27,89 @@ Knows token ids, never text.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from loraplex.server.engine.rows import EngineRequest, RowEngine, Running
-from loraplex.server.engine.sampling import make_generator, sample_row
+from loraplex.server.engine.sampling import RowSampling, make_generator, sample_batch
+from loraplex.server.engine.slots import SlotTable
+from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, OnnxAdapterTensors
 
 log = logging.getLogger("loraplex.onnx")
+
+
+@dataclass(frozen=True)
+class OnnxAdapterPayload:
+    """A validated adapter as the onnx engines install it: an ``.onnx_adapter`` file (A^T,
+    scaled B^T per graph input), with its tensors optionally read ahead off the engine thread."""
+
+    name: str
+    path: Path
+    tensors: OnnxAdapterTensors | None = None
+    kind: str = "onnx"
+
+    @contextlib.contextmanager
+    def open(self) -> Iterator[Mapping[str, np.ndarray]]:
+        """The file's tensors as numpy views, valid inside the ``with`` block."""
+        tensors = self.tensors if self.tensors is not None else OnnxAdapterTensors(self.path)
+        yield tensors.arrays()  # ``tensors`` lives until the block ends: the views stay valid
+
+
+def check_onnx_payload(payload) -> OnnxAdapterPayload:
+    """Refuse anything but an onnx payload naming an ``.onnx_adapter`` file (an adapter validated
+    for the torch backend carries no such file: installing it would serve the base)."""
+    kind = getattr(payload, "kind", None)
+    if kind != "onnx":
+        raise TypeError(f"the onnx engines install 'onnx' adapter payloads, got kind {kind!r} for {getattr(payload, 'name', payload)!r}")
+    if payload.path is None or not str(payload.path).endswith(ONNX_ADAPTER_SUFFIX):
+        raise ValueError(f"adapter {payload.name!r}: {payload.path} is not an {ONNX_ADAPTER_SUFFIX} file")
+    return payload
+
+
+class _ContainerStore:
+    """``SlotStore`` of the per-request engine: slot -> an ``og.Adapters`` holding one adapter."""
+
+    def __init__(self, og, model) -> None:
+        self._og, self._model = og, model
+        self.containers: dict[int, tuple[object, str]] = {}
+
+    def fits(self, capacity: int, payload: OnnxAdapterPayload) -> bool:
+        return True  # nothing preallocated
+
+    def grow(self, capacity: int, payload: OnnxAdapterPayload):
+        return None
+
+    def write(self, slot: int, payload: OnnxAdapterPayload) -> None:
+        container = self._og.Adapters(self._model)
+        container.load(str(payload.path), payload.name)
+        self.containers[slot] = (container, payload.name)
+
+    def clear(self, slot: int) -> None:
+        held = self.containers.pop(slot, None)
+        if held is not None:
+            container, name = held
+            try:
+                container.unload(name)
+            except Exception:  # the container is dropped anyway; its memory goes with it
+                log.warning("unloading adapter %s failed; dropping its container", name, exc_info=True)
 
 
 @dataclass
 class _OnnxRunning(Running):
     og_generator: object = None  # onnxruntime_genai.Generator
+    output_ids: list = field(default_factory=list)  # generated so far (penalties)
+
+    def sample(self, logits) -> int:
+        """This row's next token from its [vocab] logits (the shared sampler: every control)."""
+        token = sample_batch(logits[None], [RowSampling(self.request.params, self.generator, self.output_ids, self.request.prompt_ids, self.stop_ids)])[0]
+        self.output_ids.append(token)
+        return token
 
 
 def genai_eos_ids(model_dir: Path) -> list[int]:
@@ -54,6 +123,8 @@ def genai_eos_ids(model_dir: Path) -> list[int]:
 
 class OnnxEngine(RowEngine):
     """One onnxruntime-genai model, many adapters, one Generator per running request."""
+
+    payload_kind = "onnx"
 
     def __init__(
         self,
@@ -69,33 +140,43 @@ class OnnxEngine(RowEngine):
         self._og = og
         self.model_dir = Path(model_dir)
         self.model = og.Model(str(self.model_dir))
-        self._containers: dict[str, object] = {}  # adapter name -> og.Adapters holding only it
-        self._lock = threading.Lock()  # guards _containers between the loader thread and the engine thread
+        self.store = _ContainerStore(og, self.model)
+        self.slot_table: SlotTable[OnnxAdapterPayload] = SlotTable(self.store)
 
     # ------------------------------------------------------------- adapters
     @property
     def resident_adapters(self) -> list[str]:
-        return list(self._containers)
+        return self.slot_table.names
+
+    def try_add_adapter_in_place(self, payload: OnnxAdapterPayload) -> bool:
+        """Any thread: load into a container of its own (no shared state); False only when
+        ``payload.name`` is resident (then ``add_adapter`` replaces it on the engine thread)."""
+        return self.slot_table.try_add_in_place(payload.name, check_onnx_payload(payload))
+
+    def add_adapter(self, payload: OnnxAdapterPayload) -> None:
+        """Engine thread: load, replacing a same-named adapter that no running request uses."""
+        payload = check_onnx_payload(payload)
+        if payload.name in self.slot_table:
+            self._drop_cancelled()
+            self._refuse_if_busy(payload.name)
+        self.slot_table.add(payload.name, payload)
 
     def load_adapter_file(self, name: str, path: Path) -> None:
-        """From any thread: load ``path`` as ``name`` into a container of its own. A resident
-        adapter of the same name must be removed first (the registry does)."""
-        container = self._og.Adapters(self.model)
-        container.load(str(path), name)
-        with self._lock:
-            if name in self._containers:
-                container.unload(name)
-                raise RuntimeError(f"adapter {name!r} is already resident")
-            self._containers[name] = container
+        """``add_adapter`` from a file path (tests, tools)."""
+        self.add_adapter(OnnxAdapterPayload(name=name, path=Path(path)))
 
     def remove_adapter(self, name: str) -> None:
         """On the engine thread: unload ``name`` (refused while a running request uses it)."""
         self._drop_cancelled()
         self._refuse_if_busy(name)
-        with self._lock:
-            container = self._containers.pop(name, None)
-        if container is not None:
-            container.unload(name)
+        self.slot_table.remove(name)
+
+    def _container(self, name: str):
+        slot = self.slot_table.slots.get(name)
+        held = self.store.containers.get(slot) if slot is not None else None
+        if held is None:
+            raise RuntimeError(f"adapter {name!r} is not resident")
+        return held[0]
 
     # ----------------------------------------------------------------- steps
     def prefill(self, request: EngineRequest) -> None:
@@ -108,11 +189,7 @@ class OnnxEngine(RowEngine):
         params.set_search_options(max_length=max(max_length, len(prompt) + 1), do_sample=False, batch_size=1)
         generator = og.Generator(self.model, params)
         if request.adapter is not None:
-            with self._lock:
-                container = self._containers.get(request.adapter)
-            if container is None:
-                raise RuntimeError(f"adapter {request.adapter!r} is not resident")
-            generator.set_active_adapter(container, request.adapter)
+            generator.set_active_adapter(self._container(request.adapter), request.adapter)
         generator.append_tokens(prompt)
         running = _OnnxRunning(
             request=request,
@@ -121,7 +198,7 @@ class OnnxEngine(RowEngine):
             stop_ids=self.stop_ids_for(request.params),
             og_generator=generator,
         )
-        token = sample_row(self._last_logits(generator), request.params, running.generator)
+        token = running.sample(self._last_logits(generator))
         if self._accept(running, token):
             self._join(running)
 
@@ -137,7 +214,13 @@ class OnnxEngine(RowEngine):
                 self._fail_row(running)
                 continue
             running.length += 1
-            if self._advance(running, logits):
+            try:
+                self._check_fault_hook(running)
+                token = running.sample(logits)
+            except Exception:
+                self._fail_row(running)
+                continue
+            if self._accept(running, token):
                 keep.append(i)
         self._keep_rows(keep)
 

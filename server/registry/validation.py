@@ -25,9 +25,9 @@ from typing import Mapping
 from loraplex.server.errors import AdapterInvalid, AdapterNotFound
 from loraplex.server.store import ADAPTER_WEIGHTS, AdapterManifest, AdapterStore, LoraSpec, read_lora_spec, read_manifest, sha256_file
 from loraplex.server.store.names import validate_adapter_name
-from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, module_of_graph_tensor, read_onnx_adapter
+from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, read_onnx_adapter
+from loraplex.server.store.targets import lora_targets, module_of_graph_tensor, module_of_peft_key
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
 _PICKLED = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 
 
@@ -41,12 +41,7 @@ class BaseShapes:
 
     @classmethod
     def from_model(cls, model, fingerprint: str) -> "BaseShapes":
-        import torch
-
-        shapes = {}
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
-                shapes[name] = (module.in_features, module.out_features)
+        shapes = {name: (module.in_features, module.out_features) for name, module in lora_targets(model)}  # store/targets.py
         return cls(fingerprint=fingerprint, linear_shapes=shapes)
 
     @classmethod
@@ -181,10 +176,11 @@ def _load_peft_folder(folder: Path, name: str, base: BaseShapes, *, max_lora_ran
     tensors = _read_tensors(weights)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY.match(key)
-        if not match:
+        parsed = module_of_peft_key(key)
+        if parsed is None:
             raise AdapterInvalid(f"adapter {name!r}: unexpected tensor {key!r} (only lora_A / lora_B weights are supported; no embeddings or modules_to_save)")
-        pairs.setdefault(match["module"], {})[match["kind"]] = tensor
+        module, kind = parsed
+        pairs.setdefault(module, {})[kind] = tensor
     modules = _check_modules(name, pairs, base, max_lora_rank=max_lora_rank, scale_of=lambda module, rank: _scale_for(spec, module, rank))
     return ValidatedAdapter(
         name=name,

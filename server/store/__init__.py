@@ -4,7 +4,8 @@ An adapter is a folder ``<store>/<name>/`` holding peft's standard files
 (``adapter_config.json`` + ``adapter_model.safetensors``) and optionally loraplex's
 ``loraplex.json`` manifest, which adds to peft's files and never replaces them. Any plain peft
 LoRA folder is a valid store entry. Dot-prefixed entries are staging/trash/checkpoint folders and
-are never adapters. This package knows nothing of models, engines or training loops.
+are never adapters. ``fingerprint.py`` tells whether an entry changed, settled and is whole
+(for ``--watch``). This package knows nothing of models, engines or training loops.
 """
 
 from loraplex.server.store.layout import AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST

@@ -3,11 +3,15 @@
 Clients name adapters, never paths: ``AdapterStore.path_for(name)`` validates the name and checks
 (realpath + commonpath) that the folder stays inside the store, so neither ``..`` nor a symlink
 can escape it. Publication writes into a dot-prefixed staging folder next to the store (same
-filesystem) and renames it into place, so a reader never sees half an adapter.
+filesystem) and renames it into place, so a reader never sees half an adapter. Replacing an
+existing adapter swaps the two folders in one step where the OS can (Linux ``renameat2`` with
+``RENAME_EXCHANGE``), so the name never disappears; elsewhere the old folder is first moved aside.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -22,6 +26,26 @@ from loraplex.server.store.peft_config import ADAPTER_CONFIG
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MANIFEST = "loraplex.json"
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or
+    filesystem cannot, and then nothing was changed."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def is_within(root: Path, candidate: Path) -> bool:
@@ -89,7 +113,11 @@ class AdapterStore:
                 raise AdapterExists(
                     f"adapter {name!r} already exists in {self.root}; pass --overwrite to replace it"
                 )
-            # Move the old one aside first: a reader sees the old adapter or the new one, never a mix.
+            # A reader sees the old adapter or the new one, never a mix: swap the two folders in one
+            # step where possible (the name never disappears), else move the old one aside first.
+            if target.is_dir() and not target.is_symlink() and exchange(staged, target):
+                shutil.rmtree(staged, ignore_errors=True)  # now holds the old adapter
+                return target
             trash = self.root / f".trash-{name}-{uuid.uuid4().hex[:8]}"
             os.rename(target, trash)
             try:

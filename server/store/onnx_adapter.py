@@ -7,14 +7,13 @@ model builder names it (``model.layers.N.attn.q_proj.lora_A.weight``; the builde
 where Hugging Face says ``self_attn``). An adapter file therefore holds, per module,
 ``A^T`` ([in, r]) and ``(scale * B)^T`` ([r, out]), in the graph's float dtype (float32 on CPU).
 
-This module owns the naming rule both ways and reading/writing such files (onnxruntime's own
-``AdapterFormat``). It knows nothing of graphs, engines or servers.
+This module owns reading/writing such files (onnxruntime's own ``AdapterFormat``); the naming
+rule both ways lives in ``store/targets.py``. It knows nothing of graphs, engines or servers.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Mapping
@@ -22,32 +21,9 @@ from typing import Mapping
 import numpy as np
 
 from loraplex.server.errors import AdapterInvalid
+from loraplex.server.store.targets import graph_tensor_names, module_of_graph_tensor  # noqa: F401  (re-exported)
 
 ONNX_ADAPTER_SUFFIX = ".onnx_adapter"
-
-_HF_MODULE = re.compile(r"^(?P<prefix>.*\.layers\.\d+)\.(?P<block>self_attn|mlp)\.(?P<proj>[A-Za-z0-9_]+)$")
-_GRAPH_TENSOR = re.compile(r"^(?P<prefix>.*\.layers\.\d+)\.(?P<block>attn|mlp)\.(?P<proj>[A-Za-z0-9_]+)\.lora_(?P<kind>[AB])\.weight$")
-
-
-def graph_tensor_names(module: str) -> tuple[str, str]:
-    """Graph input names (A, B) for a Hugging Face module name such as
-    ``model.layers.3.self_attn.q_proj``; raises AdapterInvalid for modules outside a decoder
-    layer's attention or MLP (the builder adds LoRA nowhere else)."""
-    match = _HF_MODULE.match(module)
-    if not match:
-        raise AdapterInvalid(f"module {module!r} cannot carry LoRA in an exported ONNX model (only attention and MLP projections of decoder layers can)")
-    block = "attn" if match["block"] == "self_attn" else "mlp"
-    stem = f"{match['prefix']}.{block}.{match['proj']}"
-    return f"{stem}.lora_A.weight", f"{stem}.lora_B.weight"
-
-
-def module_of_graph_tensor(name: str) -> tuple[str, str]:
-    """(Hugging Face module name, "A" or "B") for a graph LoRA tensor name."""
-    match = _GRAPH_TENSOR.match(name)
-    if not match:
-        raise AdapterInvalid(f"tensor {name!r} is not a LoRA weight of an exported model (expected model.layers.N.(attn|mlp).X.lora_(A|B).weight)")
-    block = "self_attn" if match["block"] == "attn" else "mlp"
-    return f"{match['prefix']}.{block}.{match['proj']}", match["kind"]
 
 
 def onnx_adapter_arrays(modules: Mapping[str, object]) -> dict[str, np.ndarray]:

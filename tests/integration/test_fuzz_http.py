@@ -90,3 +90,23 @@ def test_adapter_names_and_paths_cannot_escape_the_store(server, name, path):
     if reply.status_code == 200:  # only a real adapter of the store can load
         adapter = reply.json()["adapter"]
         assert adapter["path"].endswith("/adapters/fz") or adapter["path"] == "fz", adapter
+
+
+#: text that may hold lone surrogates (not valid Unicode), sent as JSON escapes
+hostile_text = st.text(alphabet=st.one_of(st.characters(), st.characters(categories=["Cs"])), max_size=12)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=st.one_of(st.just("fz"), hostile_text), text=hostile_text, stop=st.lists(hostile_text, max_size=2), key=st.one_of(st.none(), hostile_text))
+def test_text_that_is_not_unicode_and_unknown_keys_never_500(server, model, text, stop, key):
+    """Issue 16: lone surrogates in model, prompt, content and stop, and arbitrary extra keys,
+    always get a 2xx or a clean, encodable 4xx naming the field."""
+    import json
+
+    extra = {} if key is None else {key: 1}
+    for path, body in (("/v1/completions", {"model": model, "prompt": text or "x", "stop": stop, "max_tokens": 2, **extra}),
+                       ("/v1/chat/completions", {"model": model, "messages": [{"role": "user", "content": text}], "stop": stop, "max_tokens": 2, **extra})):
+        reply = httpx.post(server.url + path, content=json.dumps(body).encode(), headers={"content-type": "application/json"}, timeout=60)
+        _check(reply)
+        if key is not None and key not in ("model", "prompt", "messages", "stop", "max_tokens") and reply.status_code == 400:
+            assert reply.json()["error"]["message"]

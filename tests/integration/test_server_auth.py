@@ -51,7 +51,7 @@ def test_http_authentication_and_per_adapter_access(secured):
     s = secured.secrets
     missing = _complete(secured, "ka", None)
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-    assert missing.json()["error"]["type"] == "AuthenticationError"
+    assert missing.json()["error"]["type"] == "authentication_error"
     assert _complete(secured, "ka", "lpx-wrong").status_code == 401
     assert _complete(secured, "ka", s["user"]).status_code == 200
     assert _complete(secured, "tiny", s["user"]).status_code == 200

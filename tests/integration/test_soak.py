@@ -102,9 +102,11 @@ def test_soak_mixed_traffic_with_disconnects(tiny_base, tmp_path, smol_tokenizer
             time.sleep(0.1)
         after = _samples(srv.url)
         after_rss = _rss_kib(srv.proc.pid)
+        consistency = httpx.get(srv.url + "/v1/admin/consistency", timeout=60).json()  # registry vs engine
 
     assert after[("loraplex_num_requests_running", ())] == 0 and after[("loraplex_num_requests_waiting", ())] == 0
     assert after_rss - before_rss < 300 * 1024, (before_rss, after_rss)
+    assert consistency["consistent"] and consistency["pinned"] == {}, consistency
     assert len(results) == REQUESTS and all(r["status"] == 200 for r in results.values())
     completed = 0
     for item in plan:

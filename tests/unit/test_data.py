@@ -27,6 +27,7 @@ from tests.conftest import write_jsonl
         ("train[90%:]", 10, [9]),
         ("train[4096:4224]", 100, []),
         (" train[ 1 : 3 ] ", 10, [1, 2]),
+        ("train[:2]+train[-1:]", 10, [0, 1, 9]),
     ],
 )
 def test_split_slicing(spec, n, expected):
@@ -40,12 +41,12 @@ def test_bad_split_specs_are_named(spec):
 
 
 def test_default_holdout_is_stratified_and_deterministic():
-    records = [{"output": "a"}] * 90 + [{"output": "b"}] * 10
-    train, held = default_holdout(records, "output", seed=1)
+    labels = ["a"] * 90 + ["b"] * 10
+    train, held = default_holdout(labels, seed=1)
     assert len(held) == 10 and not set(train) & set(held)
-    labels = [records[i]["output"] for i in held]
-    assert labels.count("a") == 9 and labels.count("b") == 1
-    assert default_holdout(records, "output", seed=1) == (train, held)
+    picked = [labels[i] for i in held]
+    assert picked.count("a") == 9 and picked.count("b") == 1
+    assert default_holdout(labels, seed=1) == (train, held)
 
 
 def test_empty_splits_are_refused(tmp_path):
@@ -70,6 +71,9 @@ def test_load_records_errors(tmp_path):
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(TrainInputError, match="record 0 is a int"):
         load_records([tmp_path / "list.json"])
+    (tmp_path / "e.jsonl").write_text("")
+    with pytest.raises(TrainInputError, match="hold no records"):
+        load_records([tmp_path / "e.jsonl"])
 
 
 def test_load_records_reads_all_formats(tmp_path):
@@ -89,7 +93,7 @@ def test_chat_mode_masks_every_prompt_token(tokenizer):
     assert item["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
     answer = item["labels"][prompt_len:]
     assert IGNORE_INDEX not in answer
-    assert tokenizer.decode(answer) == "yes" + tokenizer.eos_token
+    assert tokenizer.decode(answer).startswith("yes" + tokenizer.eos_token)
     assert item["input_ids"][prompt_len:] == answer
 
 
@@ -99,6 +103,7 @@ def test_template_mode_trains_on_the_whole_text(tokenizer):
     assert example.prompt == "Q: 2+2?\nA: " and example.reference == "4"
     item = tokenize_example(example, tokenizer, 512)
     assert IGNORE_INDEX not in item["labels"] and item["labels"] == item["input_ids"]
+    assert tokenizer.decode(item["input_ids"]) == "Q: 2+2?\nA: 4" + tokenizer.eos_token
 
 
 def test_template_field_missing_names_field_and_record(tokenizer):

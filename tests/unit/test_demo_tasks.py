@@ -26,3 +26,21 @@ def test_answers_are_checkable():
     labels = {r["output"] for r in generate("sentiment", 300)}
     assert labels == {"positive", "negative", "neutral"}
     assert set(TASKS) == {"sentiment", "extract", "datefmt"}
+
+
+def test_chat_task_is_deterministic_chat_format_with_unseen_items_held_out(tmp_path):
+    from loraplex.training.chat_task import CATEGORIES, TRAIN_ITEMS, generate, write
+    from loraplex.training.config import TrainConfig
+    from loraplex.training.formats import check_records
+
+    records = generate(100, seed=5)
+    assert records == generate(100, seed=5) and records != generate(100, seed=6)
+    assert check_records(records, TrainConfig(data_files="x", output_path="adapters/a")) == "chat"
+    unseen = {item for items in CATEGORIES.values() for item in items[TRAIN_ITEMS:]}
+
+    def item_of(record):
+        text = record["messages"][1]["content"].lower()
+        return next(item for items in CATEGORIES.values() for item in items if item in text.replace("?", " ").replace(".", " ").split(" ") or f"'{item}'" in text)
+
+    assert all(item_of(r) not in unseen for r in records[:80]) and all(item_of(r) in unseen for r in records[80:])
+    assert write(tmp_path / "c.jsonl", 10).read_text().count("\n") == 10

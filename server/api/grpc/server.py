@@ -10,13 +10,25 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraplex.server.api.grpc.servicer import InferenceServicer
+from loraplex.server.api.grpc.servicer import InferenceServicer, strict_parser
 from loraplex.v1 import inference_pb2 as pb
-from loraplex.v1 import inference_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Inference"].full_name  # "loraplex.v1.Inference"
 MAX_RECEIVE_BYTES = 4 * 1024 * 1024
 MAX_SEND_BYTES = 16 * 1024 * 1024
+
+
+def _add_inference(servicer: InferenceServicer, server) -> None:
+    """Like the generated ``add_InferenceServicer_to_server``, with :func:`strict_parser` as the
+    request deserializer (malformed bytes and unknown fields become INVALID_ARGUMENT)."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Inference"].methods:
+        request_cls = getattr(pb, method.input_type.name)
+        response_cls = getattr(pb, method.output_type.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=strict_parser(request_cls), response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 class GrpcFront:
@@ -29,7 +41,7 @@ class GrpcFront:
                 ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ]
         )
-        pb_grpc.add_InferenceServicer_to_server(InferenceServicer(get_service), self.server)
+        _add_inference(InferenceServicer(get_service), self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

@@ -1,26 +1,32 @@
 """``loraplex.v1.Inference`` on grpc.aio: converts messages to the service's GenerationRequest and
 back. Client cancellation and deadline expiry cancel the handler task, which closes the service's
-event stream and frees the engine row at the next step."""
+event stream and frees the engine row at the next step.
+
+Requests are parsed by :func:`strict_parser`: bytes that are not a valid message (a string field
+that is not UTF-8) or that carry fields this server's ``loraplex.v1`` does not define are refused
+with ``INVALID_ARGUMENT`` (never UNKNOWN, never silently ignored). An unexpected exception is
+logged once with the request id and answered ``INTERNAL`` naming that id."""
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import AsyncIterator, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from loraplex.server.api.errors import grpc_status
+from loraplex.server.api.finish import grpc_finish_reason
+from loraplex.server.auth.credentials import credential_from_pairs
 from loraplex.server.errors import LoraplexError, NotReady, RequestInvalid
 from loraplex.server.service import GenerationRequest, GenerationService
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
 
-_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED}
-
-
-def finish_reason(name: str | None) -> int:
-    if name is None:
-        return pb.FINISH_REASON_UNSPECIFIED
-    return _FINISH.get(name, pb.FINISH_REASON_CANCELLED)
+log = logging.getLogger("loraplex.grpc")
+finish_reason = grpc_finish_reason  # the one map: server/api/finish.py
 
 
 def _sampling(message: pb.SamplingParams) -> dict:
@@ -37,13 +43,46 @@ def _sampling(message: pb.SamplingParams) -> dict:
     )
 
 
+class Refused:
+    """What :func:`strict_parser` returns for bytes it will not turn into a request."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _unknown_fields(message, prefix: str = "") -> list[str]:
+    """Numbers of fields the client sent that our schema does not define (nested too)."""
+    name = prefix or message.DESCRIPTOR.name
+    found = [f"{name}.#{field.field_number}" for field in UnknownFieldSet(message)]
+    for descriptor, value in message.ListFields():
+        if descriptor.message_type is None:
+            continue
+        children = value if descriptor.is_repeated else [value]
+        for i, child in enumerate(children):
+            found += _unknown_fields(child, f"{name}.{descriptor.name}" + (f"[{i}]" if descriptor.is_repeated else ""))
+    return found
+
+
+def strict_parser(cls):
+    """A request deserializer that returns :class:`Refused` instead of raising."""
+
+    def parse(data: bytes):
+        try:
+            message = cls.FromString(data)
+        except DecodeError as exc:
+            return Refused(f"the request is not a valid {cls.DESCRIPTOR.full_name}: {exc}")
+        unknown = _unknown_fields(message)
+        if unknown:
+            return Refused(f"unrecognized field(s) {', '.join(unknown)}: not defined by this server's {cls.DESCRIPTOR.full_name} (loraplex refuses fields it does not honour)")
+        return message
+
+    return parse
+
+
 def credential_of(context) -> str | None:
-    """The API key from the ``authorization`` metadata ("Bearer <key>" or the bare key)."""
-    for key, value in context.invocation_metadata() or ():
-        if key.lower() == "authorization":
-            scheme, _, rest = value.partition(" ")
-            return rest.strip() if scheme.lower() == "bearer" else value.strip()
-    return None
+    """The API key from the ``authorization`` metadata: ``Bearer <key>``, the rule HTTP uses too
+    (``auth.credentials``); a bare key counts as none."""
+    return credential_from_pairs(context.invocation_metadata())
 
 
 def adapter_message(info: dict) -> pb.Adapter:
@@ -67,6 +106,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(self, get_service: Callable[[], GenerationService | None]) -> None:
         self._get_service = get_service
 
+    async def _refuse(self, request, context) -> None:
+        if isinstance(request, Refused):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    async def _fault(self, exc: BaseException, rid: str, context) -> None:
+        log.error("request %s failed: %s: %s", rid, type(exc).__name__, exc, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in request {rid}: {type(exc).__name__} (see the server log)")
+
     def _service(self) -> GenerationService:
         service = self._get_service()
         if service is None or not service.ready:
@@ -80,23 +127,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if request.prompt and request.prompt_token_ids:
             raise RequestInvalid("give prompt or prompt_token_ids, not both", param="prompt")
         common = dict(model=self._model(service, request.adapter), credential=credential_of(context), **_sampling(request.sampling))
-        if request.request_id:
-            common["request_id"] = request.request_id
+        common["request_id"] = request.request_id or f"grpc-{uuid.uuid4().hex}"
         if request.prompt_token_ids:
             return GenerationRequest(prompt_token_ids=list(request.prompt_token_ids), **common)
         return GenerationRequest(prompt=request.prompt, **common)
 
     def _chat_request(self, service: GenerationService, request: pb.ChatRequest, context) -> GenerationRequest:
         common = dict(model=self._model(service, request.adapter), credential=credential_of(context), **_sampling(request.sampling))
-        if request.request_id:
-            common["request_id"] = request.request_id
+        common["request_id"] = request.request_id or f"grpc-{uuid.uuid4().hex}"
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         return GenerationRequest(messages=messages, **common)
 
     async def _unary(self, build, request, context) -> pb.GenerateResponse:
+        await self._refuse(request, context)
+        rid = request.request_id or "(no id)"
         try:
             service = self._service()
             req = build(service, request, context)
+            rid = req.request_id
             parts, tokens, last = [], [], None
             async for event in service.generate(req):
                 parts.append(event.text)
@@ -112,11 +160,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except LoraplexError as exc:
             code, message = grpc_status(exc)
             await context.abort(code, message)
+        except Exception as exc:  # noqa: BLE001 - the catch-all of one RPC
+            await self._fault(exc, rid, context)
 
     async def _stream(self, build, request, context) -> AsyncIterator[pb.GenerateStreamResponse]:
+        await self._refuse(request, context)
+        rid = request.request_id or "(no id)"
         try:
             service = self._service()
             req = build(service, request, context)
+            rid = req.request_id
             stream = service.generate(req)
             try:
                 async for event in stream:
@@ -130,6 +183,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         except LoraplexError as exc:
             code, message = grpc_status(exc)
             await context.abort(code, message)
+        except Exception as exc:  # noqa: BLE001 - the catch-all of one RPC
+            await self._fault(exc, rid, context)
 
     async def Generate(self, request, context):
         return await self._unary(self._generate_request, request, context)
@@ -145,30 +200,33 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async for message in self._stream(self._chat_request, request, context):
             yield message
 
-    async def _admin(self, fn, context):
+    async def _admin(self, fn, request, context):
+        await self._refuse(request, context)
         try:
             return await fn(self._service())
         except LoraplexError as exc:
             code, message = grpc_status(exc)
             await context.abort(code, message)
+        except Exception as exc:  # noqa: BLE001 - the catch-all of one RPC
+            await self._fault(exc, "(admin)", context)
 
     async def ListAdapters(self, request, context):
         async def run(service):
-            return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in service.describe_adapters(credential_of(context))])
+            return pb.ListAdaptersResponse(adapters=[adapter_message(a) for a in await service.adapters(credential_of(context))])
 
-        return await self._admin(run, context)
+        return await self._admin(run, request, context)
 
     async def GetAdapter(self, request, context):
         async def run(service):
             return adapter_message(service.describe_adapter(request.name, credential_of(context)))
 
-        return await self._admin(run, context)
+        return await self._admin(run, request, context)
 
     async def LoadAdapter(self, request, context):
         async def run(service):
             return adapter_message(await service.load_adapter(request.name, request.path or None, credential_of(context)))
 
-        return await self._admin(run, context)
+        return await self._admin(run, request, context)
 
     async def UnloadAdapter(self, request, context):
         async def run(service):
@@ -176,4 +234,4 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             status = "unloading" if info["state"] == "resident" else "unloaded"
             return pb.UnloadAdapterResponse(status=status, adapter=adapter_message(info))
 
-        return await self._admin(run, context)
+        return await self._admin(run, request, context)

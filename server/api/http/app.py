@@ -1,10 +1,15 @@
 """Build the FastAPI app: routers, and exception handlers that route every error through the
 one mapping in ``loraplex.server.api.errors`` (malformed JSON and schema errors are 400s,
-never 500s)."""
+never 500s; unknown routes and methods keep OpenAI's error shape). An unexpected exception is
+answered by ``FaultMiddleware`` with a clean 500 naming the request id, without closing the
+keep-alive connection. Error bodies are always encodable (a lone surrogate in a user value is
+written as a JSON escape)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,9 +17,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.server import __version__
-from loraplex.server.api.errors import http_error, openai_error_body
+from loraplex.server.api.errors import http_error, status_error_body
 from loraplex.server.api.http import routes_admin, routes_openai, routes_ops
 from loraplex.server.errors import LoraplexError
+from loraplex.server import ui
 
 log = logging.getLogger("loraplex.http")
 
@@ -89,8 +95,59 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(openai_error_body(message, "BadRequestError", status), status_code=status)
+class ErrorJSONResponse(JSONResponse):
+    """JSON that always encodes: user values with lone surrogates become ``\\udXXX`` escapes."""
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return ErrorJSONResponse(status_error_body(status, message), status_code=status, headers=headers)
+
+
+def request_id_of(scope) -> str:
+    """The id a route chose for this request (``request.state.request_id``), else the client's
+    ``X-Request-Id``, else a fresh one (stored, so every later log line uses the same id)."""
+    state = scope.setdefault("state", {})
+    if not state.get("request_id"):
+        given = dict(scope.get("headers") or []).get(b"x-request-id", b"")[:128].decode("latin-1")
+        state["request_id"] = given or f"req-{uuid.uuid4().hex}"
+    return state["request_id"]
+
+
+class FaultMiddleware:
+    """Pure ASGI, innermost around the app: an exception no handler took is logged once with the
+    request id and answered with a clean OpenAI-shaped 500; the connection stays open for the
+    next request (Starlette's catch-all handler re-raises, and uvicorn then closes the
+    connection). A fault after the response started can only end that response."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # noqa: BLE001 - the one catch-all of the HTTP front
+            rid = request_id_of(scope)
+            log.error("request %s (%s %s) failed: %s: %s", rid, scope.get("method"), scope.get("path"), type(exc).__name__, exc, exc_info=exc)
+            if started:
+                return  # the status line is out: the response ends here (uvicorn closes it)
+            await _error(500, f"internal error in request {rid}: {type(exc).__name__} (see the server log)", {"X-Request-Id": rid})(scope, receive, send)
 
 
 _ERROR_SCHEMA = {
@@ -145,47 +202,62 @@ def _openapi_with_errors(app: FastAPI) -> dict:
 
 
 def create_app(service, metrics, lifespan=None) -> FastAPI:
-    app = FastAPI(title="loraplex", version=__version__, docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="loraplex", version=__version__, docs_url=None, redoc_url=None, lifespan=lifespan)  # /docs: offline, from loraplex.server.ui
 
+    app.add_middleware(FaultMiddleware)  # inner: sees what the handlers did not take
     app.add_middleware(BodyLimitMiddleware)
     app.state.service = service
     app.state.metrics = metrics
     for router in (routes_openai.router, routes_admin.router, routes_ops.router):
         app.include_router(router)
+    ui.install(app)  # the web console at /ui and Swagger UI at /docs with local assets
     app.openapi = lambda: _openapi_with_errors(app)
 
     @app.exception_handler(LoraplexError)
     async def _loraplex_error(request: Request, exc: LoraplexError):
         status, body, headers = http_error(exc)
-        return JSONResponse(body, status_code=status, headers=headers)
+        return ErrorJSONResponse(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", []) if p != "body"]
+        loc = [str(p) for p in first.get("loc", []) if p != "body" and not _is_union_tag(p)]
         param = ".".join(loc) or None
-        if first.get("type") == "json_invalid":
+        kind = first.get("type")
+        if kind == "json_invalid":
             param = None
             message = f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}"
+        elif kind == "extra_forbidden":
+            message = f"Unrecognized request argument supplied: {param} (loraplex refuses fields it does not honour; see docs/api.md)"
         else:
             message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-            if "input" in first and first.get("type") != "missing":
-                message += f" (got {str(first['input'])[:100]!r})"
-        return JSONResponse(openai_error_body(message, "BadRequestError", 400, param=param, code="invalid_request"), status_code=400)
+            if "input" in first and kind != "missing":
+                message += f" (got {_shown(first['input'])})"
+        return ErrorJSONResponse(status_error_body(400, message, param=param, code="invalid_request"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         # undecodable bodies, unknown routes, wrong methods: still OpenAI-shaped errors
-        detail = exc.detail if isinstance(exc.detail, str) else "request error"
-        if exc.status_code == 400:
-            detail = f"request body could not be read: {detail}"
-        body = openai_error_body(detail, "BadRequestError" if exc.status_code < 500 else "InternalServerError", exc.status_code)
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(openai_error_body(f"internal error: {type(exc).__name__}", "InternalServerError", 500), status_code=500)
+        status = exc.status_code
+        if status == 404:
+            message = f"unknown route: {request.method} {request.url.path}"
+        elif status == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        else:
+            message = exc.detail if isinstance(exc.detail, str) else "request error"
+            if status == 400:
+                message = f"request body could not be read: {message}"
+        return _error(status, message, getattr(exc, "headers", None))
 
     return app
+
+
+def _is_union_tag(part) -> bool:
+    """pydantic puts the union member's name in an error's location (``stop.list[str].0``)."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "dict", "list"))
+
+
+def _shown(value) -> str:
+    text = ascii(value)
+    return text if len(text) <= 100 else text[:97] + "..."

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from loraplex.server.auth.credentials import bearer_key
 from loraplex.server.errors import NotReady
 
 
@@ -16,7 +17,6 @@ def service_of(request: Request):
 
 
 def credential_of(request: Request) -> str | None:
-    """The API key from ``Authorization: Bearer <key>`` (None when absent)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    """The API key from ``Authorization: Bearer <key>`` (the rule both fronts share:
+    ``auth.credentials``); None when absent or not in that form."""
+    return bearer_key(request.headers.get("authorization"))

@@ -1,5 +1,5 @@
 """Models and adapters: GET /v1/models, vLLM's POST /v1/load_lora_adapter and
-/v1/unload_lora_adapter, GET /v1/adapters and /v1/adapters/{name}."""
+/v1/unload_lora_adapter, GET /v1/adapters and /v1/adapters/{name}, GET /v1/admin/consistency."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ router = APIRouter()
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    return {"object": "list", "data": service_of(request).list_models(credential_of(request))}
+    return {"object": "list", "data": await service_of(request).models(credential_of(request))}
 
 
 @router.post("/v1/load_lora_adapter")
@@ -30,9 +30,15 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request):
     return {"status": status, "adapter": info}
 
 
+@router.get("/v1/admin/consistency")
+async def consistency(request: Request):
+    """Admin: the registry's resident adapters against the engine's (``consistent``: they agree)."""
+    return await service_of(request).consistency(credential_of(request))
+
+
 @router.get("/v1/adapters")
 async def list_adapters(request: Request):
-    return {"object": "list", "data": service_of(request).describe_adapters(credential_of(request))}
+    return {"object": "list", "data": await service_of(request).adapters(credential_of(request))}
 
 
 @router.get("/v1/adapters/{name}")

@@ -1,9 +1,13 @@
-"""POST /v1/chat/completions and /v1/completions (OpenAI-compatible, SSE streaming)."""
+"""POST /v1/chat/completions and /v1/completions (OpenAI-compatible, SSE streaming).
+
+A client that disconnects cancels its request and is logged as one info line with the request id.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import AsyncIterator
@@ -11,14 +15,20 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 
 from loraplex.server.api.http.deps import credential_of, service_of
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from loraplex.server.api.errors import http_error
+from loraplex.server.api.finish import http_finish_reason
 from loraplex.server.api.http.protocol import ChatCompletionRequest, CompletionRequest
 from loraplex.server.errors import LoraplexError, RequestInvalid
 from loraplex.server.service import GenerationEvent, GenerationRequest, GenerationService
 
 router = APIRouter()
+log = logging.getLogger("loraplex.http")
+
+
+class ClientGone(Exception):
+    """The client disconnected before its reply started; nothing more can be sent."""
 
 
 def _service(request: Request) -> GenerationService:
@@ -26,9 +36,12 @@ def _service(request: Request) -> GenerationService:
 
 
 def _request_id(request: Request, prefix: str) -> str:
-    """The client's X-Request-Id when it sends one (logged with faults), else a fresh id."""
+    """The client's X-Request-Id when it sends one (logged with faults), else a fresh id; kept in
+    ``request.state`` so the fault handler names the same id."""
     given = request.headers.get("x-request-id", "")
-    return given[:128] if given else f"{prefix}-{uuid.uuid4().hex}"
+    rid = given[:128] if given else f"{prefix}-{uuid.uuid4().hex}"
+    request.state.request_id = rid
+    return rid
 
 
 def _common(body, request_id: str, request: Request) -> dict:
@@ -76,7 +89,7 @@ async def _collect(stream: AsyncIterator[GenerationEvent], request: Request) -> 
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await stream.aclose()
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientGone()
     task.result()
     return "".join(parts), last
 
@@ -94,7 +107,7 @@ async def _start(service: GenerationService, req: GenerationRequest, request: Re
             first.cancel()
             await asyncio.gather(first, return_exceptions=True)
             await stream.aclose()
-            raise asyncio.CancelledError("client disconnected")
+            raise ClientGone()
 
 
 async def _stream_body(stream, first: GenerationEvent, chunk, final_usage: bool, rid: str) -> AsyncIterator[str]:
@@ -109,6 +122,9 @@ async def _stream_body(stream, first: GenerationEvent, chunk, final_usage: bool,
     except LoraplexError as exc:
         _, body, _ = http_error(exc)
         yield _sse(body)
+    except (GeneratorExit, asyncio.CancelledError):  # the client went away mid-stream
+        log.info("request %s: client disconnected after %d tokens; cancelled", rid, last.completion_tokens)
+        raise
     finally:
         await stream.aclose()
     yield "data: [DONE]\n\n"
@@ -126,14 +142,22 @@ class _ChunkMaker:
             if self.first:
                 delta["role"] = "assistant"
                 self.first = False
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": http_finish_reason(event.finish_reason)}
         else:
-            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": event.finish_reason}
+            choice = {"index": 0, "text": event.text, "logprobs": None, "finish_reason": http_finish_reason(event.finish_reason)}
         return {"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model, "choices": [choice]}
 
 
 async def _respond(request: Request, body, req: GenerationRequest, rid: str, *, chat: bool):
     """Stream (SSE) or collect one request; the reply shape differs only between chat and text."""
+    try:
+        return await _reply(request, body, req, rid, chat=chat)
+    except ClientGone:
+        log.info("request %s: client disconnected before the reply; cancelled", rid)
+        return Response(status_code=499)  # never sent: the connection is gone
+
+
+async def _reply(request: Request, body, req: GenerationRequest, rid: str, *, chat: bool):
     service = _service(request)
     object_name = "chat.completion" if chat else "text_completion"
     if body.stream:
@@ -142,7 +166,7 @@ async def _respond(request: Request, body, req: GenerationRequest, rid: str, *, 
         maker = _ChunkMaker("chat.completion.chunk" if chat else "text_completion", rid, body.model, chat=chat)
         return StreamingResponse(_stream_body(stream, first, maker, include_usage, rid), media_type="text/event-stream")
     text, last = await _collect(service.generate(req), request)
-    finish = last.finish_reason if last else "stop"
+    finish = http_finish_reason(last.finish_reason if last else "stop")
     if chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
     else:
@@ -153,13 +177,15 @@ async def _respond(request: Request, body, req: GenerationRequest, rid: str, *, 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     rid = _request_id(request, "chatcmpl")
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    body.refuse_unsupported()
+    messages = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(body.messages)]
     return await _respond(request, body, GenerationRequest(messages=messages, **_common(body, rid, request)), rid, chat=True)
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     rid = _request_id(request, "cmpl")
+    body.refuse_unsupported()
     prompt = body.prompt
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         if len(prompt) != 1:

@@ -19,8 +19,10 @@ async def health():
 @router.get("/ready")
 async def ready(request: Request):
     service = getattr(request.app.state, "service", None)
+    readiness = getattr(request.app.state, "readiness", None)  # the one Readiness (server/readiness.py)
     if service is None or not service.ready:
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        phase = readiness.phase.value if readiness is not None else "loading"
+        return JSONResponse({"status": phase}, status_code=503, headers={"Retry-After": "1"})
     return {"status": "ready", "base": service.base_name, "fingerprint": service.base_fingerprint}
 
 

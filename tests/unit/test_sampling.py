@@ -1,0 +1,88 @@
+"""The batch sampler: per-row parameters in one pass; seeded rows reproducible whatever shares the
+batch; the draws follow the filtered distribution (checked against probabilities computed here
+independently); logit bias, min_tokens and penalties change only their own row."""
+
+from __future__ import annotations
+
+import torch
+
+from loraplex.server.engine.sampling import RowSampling, SamplingParams, make_generator, sample_batch
+
+V = 50
+
+
+def _logits(rows=4, seed=0):
+    return torch.randn(rows, V, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def _row(**kw):
+    params = SamplingParams(**kw)
+    return RowSampling(params, make_generator(params))
+
+
+def test_greedy_rows_take_the_argmax_beside_sampled_rows():
+    logits = _logits()
+    rows = [_row(temperature=0.0), _row(temperature=1.0, seed=1), _row(temperature=0.0), _row(temperature=0.7, top_k=1, seed=2)]
+    tokens = sample_batch(logits, rows)
+    best = logits.argmax(dim=-1).tolist()
+    assert tokens[0] == best[0] and tokens[2] == best[2] and tokens[3] == best[3]  # top_k=1 is greedy
+
+
+def test_a_seeded_row_is_reproducible_whatever_shares_the_batch():
+    logits = _logits(rows=6)
+    seq_alone, seq_mixed = [], []
+    solo, mixed = _row(temperature=1.0, top_p=0.9, seed=42), _row(temperature=1.0, top_p=0.9, seed=42)
+    for step in range(20):
+        seq_alone.append(sample_batch(logits[2:3], [solo])[0])
+        others = [_row(temperature=1.3, seed=step), _row(temperature=0.0), _row(temperature=0.8, top_k=5)]
+        batch = sample_batch(torch.cat([logits[:2], logits[2:3], logits[3:4]]), [others[0], others[1], mixed, others[2]])
+        seq_mixed.append(batch[2])
+    assert seq_alone == seq_mixed
+    assert len(set(seq_alone)) > 1  # really sampling
+
+
+def _empirical(logits_row, n=4000, **kw):
+    params = SamplingParams(**kw)
+    gen = torch.Generator().manual_seed(7)
+    rows = [RowSampling(params, gen) for _ in range(n)]
+    tokens = sample_batch(logits_row[None].expand(n, V), rows)
+    return torch.bincount(torch.tensor(tokens), minlength=V).float() / n
+
+
+def test_draws_follow_temperature_top_k_and_top_p():
+    logits = _logits(rows=1, seed=3)[0]
+    # temperature only
+    expect = torch.softmax(logits / 0.8, dim=-1)
+    assert (_empirical(logits, temperature=0.8) - expect).abs().max() < 0.03
+    # top-k: only the 5 best, renormalized
+    top = torch.topk(logits, 5).indices
+    expect = torch.zeros(V)
+    expect[top] = torch.softmax(logits[top], dim=-1)
+    got = _empirical(logits, temperature=1.0, top_k=5)
+    assert got[expect == 0].sum() == 0 and (got - expect).abs().max() < 0.03
+    # top-p: the smallest set of best tokens whose mass reaches p
+    probs = torch.softmax(logits, dim=-1)
+    order = torch.argsort(probs, descending=True)
+    keep = order[: int((torch.cumsum(probs[order], 0) < 0.6).sum()) + 1]
+    expect = torch.zeros(V)
+    expect[keep] = probs[keep] / probs[keep].sum()
+    got = _empirical(logits, temperature=1.0, top_p=0.6)
+    assert got[expect == 0].sum() == 0 and (got - expect).abs().max() < 0.03
+
+
+def test_logit_bias_min_tokens_and_penalties_act_on_their_row_only():
+    logits = torch.zeros(3, V)
+    logits[:, 7] = 5.0  # every row's favourite is 7
+    rows = [
+        RowSampling(SamplingParams(temperature=0.0, logit_bias=((3, 10.0),)), None),
+        RowSampling(SamplingParams(temperature=0.0, min_tokens=2), None, output_ids=[1], stop_ids=frozenset({7})),
+        RowSampling(SamplingParams(temperature=0.0), None),
+    ]
+    assert sample_batch(logits, rows) == [3, 0, 7]  # row 1: its stop id 7 is masked, the rest tie at 0 -> token 0
+    freq = RowSampling(SamplingParams(temperature=0.0, frequency_penalty=2.0), None, output_ids=[7, 7, 7])
+    presence = RowSampling(SamplingParams(temperature=0.0, presence_penalty=2.0), None, output_ids=[7, 7, 7])
+    repetition = RowSampling(SamplingParams(temperature=0.0, repetition_penalty=10.0), None, prompt_ids=[7])
+    logits[:, 9] = 1.0  # the runner-up
+    # freq: 5 - 3*2 = -1 < 1; presence: 5 - 2 = 3 still wins; repetition: 5 / 10 = 0.5 < 1
+    assert sample_batch(logits, [freq, presence, repetition]) == [9, 7, 9]
+    assert torch.all(logits[:, 7] == 5.0)  # the caller's logits are not modified

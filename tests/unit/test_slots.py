@@ -1,0 +1,130 @@
+"""The shared slot table (server/engine/slots.py) over the torch engine's real layers: slot 0 is
+the base, freed slots are reused lowest first, and an install that fails midway (a bad tensor in
+the third of four layers) takes no slot and leaves no weights behind, on both the engine-thread
+path and the in-place path; a failed replacement keeps the old adapter serving."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from loraplex.server.engine.lora import LoraBatchContext, MultiLoraLinear
+from loraplex.server.engine.slots import LoraSlots, SlotTable, default_growth
+
+
+@dataclass(frozen=True)
+class W:  # the shape of registry.validation.LoraModuleWeights
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float = 2.0
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+class Broken:
+    """Weights whose A cannot be read (a corrupt tensor)."""
+
+    def __init__(self, rank: int, b: torch.Tensor) -> None:
+        self.rank, self.b, self.scale = rank, b, 2.0
+
+    @property
+    def a(self):
+        raise RuntimeError("simulated failure while reading the weights")
+
+
+def _layers():
+    context = LoraBatchContext()
+    torch.manual_seed(0)
+    layers = {f"l{i}": MultiLoraLinear(torch.nn.Linear(8, 6, bias=False), f"l{i}", context) for i in range(4)}
+    return layers, context
+
+
+def _adapter(seed, rank=2, broken_at=None):
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for i in range(4):
+        a, b = torch.randn(rank, 8, generator=g), torch.randn(6, rank, generator=g)
+        modules[f"l{i}"] = Broken(rank, b) if i == broken_at else W(a, b)
+    return modules
+
+
+def _delta(layer, slot, x):
+    """What slot ``slot`` adds to the base output, through the layer's own forward."""
+    layer.context.set_token_slots([slot] * x.shape[1], "cpu")
+    with_lora = layer(x)
+    layer.context.set_token_slots([0] * x.shape[1], "cpu")
+    return with_lora - layer(x)
+
+
+def test_failed_installs_take_no_slot_and_leave_no_weights():
+    layers, context = _layers()
+    slots = LoraSlots(layers, context, dtype=torch.float32, device="cpu")
+    good = _adapter(1)
+    assert slots.add("good", good) == 1
+    for install in (slots.add, slots.try_add_in_place):
+        with pytest.raises(RuntimeError, match="simulated"):
+            install("bad", _adapter(2, broken_at=2))
+        assert dict(slots.slots) == {"good": 1} and slots.table.free == list(range(2, slots.capacity))
+        assert all(set(layer.slots) == {1} for layer in layers.values())  # layers l0, l1 were written, then cleared
+    assert slots.add("next", _adapter(3)) == 2  # the slot the failures tried is free
+    x = torch.randn(1, 3, 8)
+    w = good["l0"]
+    torch.testing.assert_close(_delta(layers["l0"], 1, x), x @ w.a.T @ w.b.T * w.scale)
+
+
+def test_a_failed_replacement_keeps_the_old_adapter():
+    layers, context = _layers()
+    slots = LoraSlots(layers, context, dtype=torch.float32, device="cpu")
+    old = _adapter(1)
+    slots.add("a", old)
+    with pytest.raises(RuntimeError):
+        slots.add("a", _adapter(5, broken_at=3))
+    assert slots.slot_of("a") == 1 and all(set(layer.slots) == {1} for layer in layers.values())
+    x = torch.randn(1, 2, 8)
+    torch.testing.assert_close(_delta(layers["l3"], 1, x), x @ old["l3"].a.T @ old["l3"].b.T * 2.0)
+    new = _adapter(6, rank=4)
+    assert slots.add("a", new) == 2  # a fresh slot, then the old one is freed
+    assert slots.table.free[0] == 1 and all(set(layer.slots) == {2} for layer in layers.values())
+
+
+def test_free_slots_are_reused_lowest_first_and_capacity_grows_all_or_nothing():
+    class Stacks:  # a preallocating store (the onnx engine's kind): grow may fail
+        def __init__(self):
+            self.capacity, self.fail_grow, self.written = 1, False, {}
+
+        def fits(self, capacity, payload):
+            return capacity <= self.capacity
+
+        def grow(self, capacity, payload):
+            if self.fail_grow:
+                raise MemoryError("simulated")
+            before, self.capacity = self.capacity, capacity
+            return lambda: setattr(self, "capacity", before)
+
+        def write(self, slot, payload):
+            self.written[slot] = payload
+
+        def clear(self, slot):
+            self.written.pop(slot, None)
+
+    store = Stacks()
+    table = SlotTable(store)
+    assert [table.add(n, n) for n in "abcd"] == [1, 2, 3, 4] and table.capacity == store.capacity == default_growth(1, 2)
+    table.remove("b")
+    table.remove("a")
+    assert table.try_add_in_place("e", "e") and table.slot_of("e") == 1  # lowest free slot first
+    assert table.add("f", "f") == 2
+    store.fail_grow = True
+    with pytest.raises(MemoryError):
+        table.add("g", "g")  # every slot taken: must grow, and growing fails
+    assert not table.try_add_in_place("g", "g")  # in place never grows
+    assert table.capacity == store.capacity == 5 and "g" not in table and table.free == []
+    store.fail_grow = False
+    assert table.add("g", "g") == 5 and table.capacity == store.capacity == default_growth(5, 6)
+    assert table.slot_of(None) == 0
+    with pytest.raises(KeyError, match="'zz' is not resident"):
+        table.slot_of("zz")

@@ -1,0 +1,231 @@
+"""Drive the torch engine directly (no HTTP, no scheduler thread) on the real embedded base and
+print throughput figures: mixed-adapter aggregate tok/s, single-stream tok/s, and TTFT of a burst
+of new requests arriving while others decode.
+
+    .venv/bin/python tools/engine_bench.py --dtype bfloat16            # all phases
+    .venv/bin/python tools/engine_bench.py --dtype float32 --phases mixed --repeat 3
+
+Adapters are random rank-r LoRA weights on every projection of every layer (what a served
+adapter costs); prompts are random token ids; generation is greedy with EOS ignored, so every
+request produces exactly its ``max_tokens``. Prints one JSON line per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class _Weights:  # the shape of registry.validation.LoraModuleWeights
+    a: torch.Tensor  # [r, in]
+    b: torch.Tensor  # [out, r]
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+
+def random_adapter(model, rank: int, seed: int) -> dict[str, _Weights]:
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, module in model.named_modules():
+        name = name.removesuffix(".base_layer")  # the engine wraps each Linear
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
+            modules[name] = _Weights(
+                torch.randn(rank, module.in_features, generator=g) * 0.02,
+                torch.randn(module.out_features, rank, generator=g) * 0.02,
+                2.0,
+            )
+    return modules
+
+
+def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_module: str = "loraplex.server.engine.engine"):
+    import importlib
+
+    from loraplex.server.basemodel import load_base_model, resolve_base
+
+    engine_mod = importlib.import_module(engine_module)
+
+    ref = resolve_base("embedded")
+    try:
+        model = load_base_model(ref, device="cpu", dtype=dtype)
+    except TypeError:  # the engine before --dtype: fp32 only
+        model = load_base_model(ref, device="cpu")
+    kwargs = {"max_batch_size": max_batch_size, "max_model_len": 2048}
+    if budget and hasattr(engine_mod.Engine, "admit"):
+        kwargs["max_num_batched_tokens"] = budget
+    engine = engine_mod.Engine(model, eos_token_ids=[2], **kwargs)
+    return model, engine
+
+
+def install(engine, model, n: int, rank: int) -> list[str]:
+    names = []
+    for i in range(n):
+        name = f"ad{i}"
+        modules = random_adapter(model, rank, seed=100 + i)
+        if hasattr(engine, "try_add_adapter_in_place") and hasattr(engine, "admit"):
+            from loraplex.server.engine.engine import TorchAdapterPayload
+
+            engine.add_adapter(TorchAdapterPayload(name=name, modules=modules))
+        else:
+            engine.add_adapter(name, modules)
+        names.append(name)
+    return names
+
+
+class Driver:
+    """Admits requests and steps the engine like the scheduler does (new API or the old one)."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.new_api = hasattr(engine, "admit")
+        self.pending: list = []
+
+    def submit(self, request) -> None:
+        if self.new_api:
+            self.engine.admit(request)
+        else:
+            self.pending.append(request)
+
+    def step(self) -> None:
+        if self.new_api:
+            self.engine.step()
+            return
+        admitted = 0  # the old scheduler: at most 2 prefills per step while rows decode
+        while self.pending and (admitted < 2 or not self.engine.num_running):
+            self.engine.prefill(self.pending.pop(0))
+            admitted += 1
+        if self.engine.num_running:
+            self.engine.decode()
+
+    def busy(self) -> bool:
+        return bool(self.pending) or self.engine.num_running > 0
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.times: list[float] = []
+        self.done = False
+
+    def __call__(self, token, finish) -> None:
+        if token is not None:
+            self.times.append(time.perf_counter())
+        if finish is not None:
+            self.done = True
+
+
+def request(rid: str, prompt_len: int, adapter, max_tokens: int, seed: int):
+    from loraplex.server.engine.rows import EngineRequest
+    from loraplex.server.engine.sampling import SamplingParams
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = [1] + torch.randint(100, 40000, (prompt_len - 1,), generator=g).tolist()
+    sink = Sink()
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    return EngineRequest(rid, prompt, adapter, params, sink), sink
+
+
+def phase_mixed(engine, names, concurrency, prompt_len, out_tokens, base_only=False) -> dict:
+    driver = Driver(engine)
+    sinks = []
+    start = time.perf_counter()
+    for i in range(concurrency):
+        req, sink = request(f"m{i}", prompt_len, None if base_only else names[i % len(names)], out_tokens, seed=i)
+        sink.t0 = start
+        driver.submit(req)
+        sinks.append(sink)
+    while driver.busy():
+        driver.step()
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(s.times) for s in sinks)
+    return {"tok_s": round(tokens / elapsed, 1), "tokens": tokens, "seconds": round(elapsed, 2)}
+
+
+def phase_single(engine, names, prompt_len, out_tokens) -> dict:
+    driver = Driver(engine)
+    req, sink = request("s", prompt_len, names[0], out_tokens, seed=7)
+    driver.submit(req)
+    while driver.busy():
+        driver.step()
+    decode = (sink.times[-1] - sink.times[0]) / max(1, len(sink.times) - 1)
+    return {"tok_s": round(1.0 / decode, 1), "ttft_ms": round((sink.times[0] - sink.t0) * 1000, 1)}
+
+
+def phase_burst(engine, names, running, burst, prompt_len, out_tokens) -> dict:
+    driver = Driver(engine)
+    old = []
+    for i in range(running):
+        req, sink = request(f"r{i}", prompt_len, names[i % len(names)], 4 * out_tokens, seed=i)
+        driver.submit(req)
+        old.append(sink)
+    while any(len(s.times) < 2 for s in old):  # everyone decoding
+        driver.step()
+    mark = time.perf_counter()
+    new = []
+    for i in range(burst):
+        req, sink = request(f"b{i}", prompt_len, names[(i + 3) % len(names)], out_tokens, seed=1000 + i)
+        sink.t0 = time.perf_counter()
+        driver.submit(req)
+        new.append(sink)
+    while any(not s.times for s in new):
+        driver.step()
+    ttft = sorted((s.times[0] - s.t0) * 1000 for s in new)
+    gaps = [b - a for s in old for a, b in zip(s.times, s.times[1:]) if b > mark]  # running streams' token gaps during the burst
+    for r in list(getattr(engine, "running", [])):
+        r.request.cancelled = True
+    while driver.busy():
+        driver.step()
+    return {
+        "ttft_p50_ms": round(statistics.median(ttft), 1),
+        "ttft_p99_ms": round(ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))], 1),
+        "max_stream_gap_ms": round(max(gaps) * 1000, 1) if gaps else None,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--phases", default="mixed,base,single,burst")
+    p.add_argument("--adapters", type=int, default=8)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--out-tokens", type=int, default=64)
+    p.add_argument("--budget", type=int, default=0, help="max_num_batched_tokens (0 = engine default)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, engine = build_engine(args.dtype, max(args.concurrency, 64), args.budget, args.engine_module)
+    names = install(engine, model, args.adapters, args.rank)
+    phases = args.phases.split(",")
+    phase_mixed(engine, names, 4, args.prompt_len, 4)  # warm-up
+    for _ in range(args.repeat):
+        for phase in phases:
+            if phase == "mixed":
+                result = phase_mixed(engine, names, args.concurrency, args.prompt_len, args.out_tokens)
+            elif phase == "base":
+                result = phase_mixed(engine, names, args.concurrency, args.prompt_len, args.out_tokens, base_only=True)
+            elif phase == "single":
+                result = phase_single(engine, names, args.prompt_len, 2 * args.out_tokens)
+            elif phase == "burst":
+                result = phase_burst(engine, names, 32, 32, args.prompt_len, args.out_tokens)
+            else:
+                raise SystemExit(f"unknown phase {phase!r}")
+            print(json.dumps({"phase": phase, "dtype": args.dtype, "threads": torch.get_num_threads(), **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
