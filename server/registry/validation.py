@@ -98,6 +98,8 @@ def resolve_adapter_path(store: AdapterStore, name: str, path: str | None, *, al
     validate_adapter_name(name)
     if path is None:
         return store.existing(name)
+    if not isinstance(path, str) or "\x00" in path or not path.isprintable():
+        raise AdapterInvalid(f"adapter path {path!r} contains a NUL or another non-printable character", param="lora_path")
     if ".." in Path(path).parts:
         raise AdapterInvalid(f"adapter path {path!r} contains '..'", param="lora_path")
     candidate = Path(path)

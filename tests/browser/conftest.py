@@ -14,8 +14,10 @@ import pytest
 CHROMIUM = os.environ.get("LORAPLEX_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """Per module, not per session: Playwright's sync API keeps an event loop running in the main
+    thread while it is open, and every later test that calls asyncio.run() would fail."""
     if not os.path.exists(CHROMIUM):
         pytest.skip(f"no chromium at {CHROMIUM} (apt-get install chromium, or set LORAPLEX_CHROMIUM)")
     try:
