@@ -33,7 +33,7 @@ from loraplex.server.engine.rows import (  # noqa: F401  (re-exported: the sched
     RowEngine,
     Running,
 )
-from loraplex.server.engine.sampling import RowSampling, make_generator, sample_batch
+from loraplex.server.engine.sampling import make_generator
 from loraplex.server.engine.slots import LoraSlots
 
 log = logging.getLogger("loraplex.engine")
@@ -269,36 +269,6 @@ class Engine(RowEngine):
             return
         logits = out.logits[0]  # [R, vocab]
         self._sample_and_accept(samplers, logits)
-
-    def _sample_and_accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        ok: list[int] = []
-        ended: set[int] = set()  # id() of rows that leave the batch after this step
-        for i, row in enumerate(rows):
-            try:
-                self._check_fault_hook(row)
-                ok.append(i)
-            except Exception:  # one row's failure ends that request only
-                self._fail_row(row)
-                ended.add(id(row))
-        if ok:
-            try:
-                tokens = sample_batch(
-                    logits[ok] if len(ok) != len(rows) else logits,
-                    [RowSampling(rows[i].request.params, rows[i].generator, rows[i].output_ids, rows[i].request.prompt_ids, rows[i].stop_ids) for i in ok],
-                )
-            except Exception:
-                log.exception("sampling failed; ending the %d rows that sampled this step", len(ok))
-                for i in ok:
-                    rows[i].request.emit(None, FINISH_ERROR)
-                    ended.add(id(rows[i]))
-                tokens = []
-            for i, token in zip(ok, tokens):
-                row = rows[i]
-                row.output_ids.append(token)
-                if not self._accept(row, token):
-                    ended.add(id(row))
-        if ended:
-            self._keep_rows([i for i, r in enumerate(self.running) if id(r) not in ended])
 
     def _drop_cancelled(self) -> None:
         keep = []

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from loraplex.server.engine.sampling import SamplingParams, sample_row
+from loraplex.server.engine.sampling import RowSampling, SamplingParams, sample_batch, sample_row
 
 log = logging.getLogger("loraplex.engine")
 
@@ -122,6 +122,38 @@ class RowEngine:
 
     def decode(self) -> None:  # pragma: no cover - implemented by the backends
         raise NotImplementedError
+
+    def _sample_and_accept(self, rows: list, logits) -> None:
+        """One vectorized sampling over ``rows`` (running rows with ``output_ids``; ``logits``
+        [len(rows), vocab]); rows that finish or fail leave the batch. Shared by the engines."""
+        ended: set[int] = set()
+        ok: list[int] = []
+        for i, row in enumerate(rows):
+            try:
+                self._check_fault_hook(row)
+                ok.append(i)
+            except Exception:
+                self._fail_row(row)
+                ended.add(id(row))
+        tokens: list[int] = []
+        if ok:
+            try:
+                tokens = sample_batch(
+                    logits[ok] if len(ok) != len(rows) else logits,
+                    [RowSampling(rows[i].request.params, rows[i].generator, rows[i].output_ids, rows[i].request.prompt_ids, rows[i].stop_ids) for i in ok],
+                )
+            except Exception:
+                log.exception("sampling failed; ending the %d rows that sampled this step", len(ok))
+                for i in ok:
+                    rows[i].request.emit(None, FINISH_ERROR)
+                    ended.add(id(rows[i]))
+        for i, token in zip(ok, tokens):
+            row = rows[i]
+            row.output_ids.append(token)
+            if not self._accept(row, token):
+                ended.add(id(row))
+        if ended:
+            self._keep_rows([i for i, r in enumerate(self.running) if id(r) not in ended])
 
     def stop_ids_for(self, params: SamplingParams) -> frozenset[int]:
         return frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_token_ids)

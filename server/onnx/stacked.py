@@ -37,7 +37,7 @@ import torch
 
 from loraplex.server.engine.protocol import EngineStats
 from loraplex.server.engine.rows import FINISH_ERROR, EngineRequest, RowEngine, Running
-from loraplex.server.engine.sampling import RowSampling, make_generator, sample_batch
+from loraplex.server.engine.sampling import make_generator
 from loraplex.server.engine.slots import SlotTable
 from loraplex.server.onnx.engine import OnnxAdapterPayload, check_onnx_payload
 from loraplex.server.onnx.graph import SLOTS_INPUT
@@ -362,37 +362,6 @@ class StackedOnnxEngine(RowEngine):
         for row in self.running:
             row.length += 1
         self._sample_and_accept(list(self.running), torch.from_numpy(np.ascontiguousarray(logits[:, -1], dtype=np.float32)))
-
-    def _sample_and_accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """One vectorized sampling over ``rows`` (running rows; ``logits`` [len(rows), vocab])."""
-        ended: set[int] = set()
-        ok: list[int] = []
-        for i, row in enumerate(rows):
-            try:
-                self._check_fault_hook(row)
-                ok.append(i)
-            except Exception:
-                self._fail_row(row)
-                ended.add(id(row))
-        tokens: list[int] = []
-        if ok:
-            try:
-                tokens = sample_batch(
-                    logits[ok] if len(ok) != len(rows) else logits,
-                    [RowSampling(rows[i].request.params, rows[i].generator, rows[i].output_ids, rows[i].request.prompt_ids, rows[i].stop_ids) for i in ok],
-                )
-            except Exception:
-                log.exception("sampling failed; ending the %d rows that sampled this step", len(ok))
-                for i in ok:
-                    rows[i].request.emit(None, FINISH_ERROR)
-                    ended.add(id(rows[i]))
-        for i, token in zip(ok, tokens):
-            row = rows[i]
-            row.output_ids.append(token)
-            if not self._accept(row, token):
-                ended.add(id(row))
-        if ended:
-            self._keep_rows([i for i, r in enumerate(self.running) if id(r) not in ended])
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Rows not in ``keep`` leave; the last rows move into the holes (one row's K/V copied
