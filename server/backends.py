@@ -24,7 +24,7 @@ from loraplex.server.engine.protocol import AdapterPayload
 from loraplex.server.engine.protocol import Engine as EngineProtocol
 from loraplex.server.errors import AdapterInvalid, BaseModelError
 from loraplex.server.registry import BaseShapes
-from loraplex.server.registry.validation import ValidatedAdapter
+from loraplex.server.store.validation import ValidatedAdapter
 from loraplex.server.scheduler import Scheduler
 from loraplex.server.settings import ServerSettings
 

@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
     return _run_phases(args, ref, store, adapters, work, out_dir)
 
 
-def _start_server(ref, store: Path, work: Path, *, max_batch_size: int, server_args: str, env: dict | None = None):
+def start_server(ref, store: Path, work: Path, *, max_batch_size: int, server_args: str, env: dict | None = None):
     import os
     import socket
     import subprocess
@@ -394,7 +394,7 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
             progress.note(f"ceilings: {ceilings}")
         if url is None:
             progress.note("starting the server ...")
-            proc, url = _start_server(ref, store, work, max_batch_size=max(args.concurrency, args.burst), server_args=args.server_args)
+            proc, url = start_server(ref, store, work, max_batch_size=max(args.concurrency, args.burst), server_args=args.server_args)
         else:
             base_name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         common = dict(base=base_name, concurrency=args.concurrency, requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed)

@@ -44,7 +44,7 @@ def _rss_mib(pid: int) -> float:
 def _measure_backend(args, ref, store: Path, adapters: list[str], work: Path, backend: str, onnx_model: Path | None, round_: int) -> dict:
     import httpx
 
-    from loraplex.server.bench import _start_server, run_load
+    from loraplex.server.bench import start_server, run_load
 
     server_args = args.server_args + {
         "torch": "",
@@ -54,7 +54,7 @@ def _measure_backend(args, ref, store: Path, adapters: list[str], work: Path, ba
     # onnx servers get a fresh cache: their first loads really convert (the gate remembers
     # conversions across processes); the base they serve is the exported folder, not the cache
     env = {"LORAPLEX_CACHE": str(work / f"cache-{backend}-{round_}")} if backend != "torch" else None
-    proc, url = _start_server(ref, store, work, max_batch_size=max(args.backend_concurrency), server_args=server_args, env=env)
+    proc, url = start_server(ref, store, work, max_batch_size=max(args.backend_concurrency), server_args=server_args, env=env)
     try:
         time.sleep(1.0)
         rss = {"0": _rss_mib(proc.pid)}

@@ -29,7 +29,7 @@ log = logging.getLogger("loraplex.scheduler")
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_queue: int) -> None:
+    def __init__(self, engine: Engine, *, max_queue: int, on_step: Callable[[], None] | None = None) -> None:
         self.engine = engine
         self.max_queue = max_queue
         self.waiting: deque[EngineRequest] = deque()
@@ -38,7 +38,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stop = False
         self.steps = 0
-        self.on_step: Callable[[], None] | None = None
+        self.on_step = on_step  # engine thread, after every step (the batch-size metric)
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
 
     def start(self) -> None:

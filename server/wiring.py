@@ -78,8 +78,8 @@ def build_runtime(settings: ServerSettings, readiness: Readiness | None = None) 
     readiness = readiness or Readiness()
     backend = BACKENDS[settings.backend](settings)
     engine = backend.engine
-    scheduler = Scheduler(engine, max_queue=settings.max_queue)
     metrics = ServerMetrics(vllm_compat=settings.vllm_metrics)
+    scheduler = Scheduler(engine, max_queue=settings.max_queue, on_step=lambda: metrics.observe_batch(engine.num_running))
     registry = AdapterRegistry(
         AdapterStore(settings.adapters_dir),
         backend.shapes,
@@ -106,9 +106,7 @@ def build_runtime(settings: ServerSettings, readiness: Readiness | None = None) 
     metrics.bind(
         running=lambda: engine.num_running,
         waiting=lambda: scheduler.num_waiting,
-        kv_usage=engine.kv_usage,
+        kv_usage=lambda: engine.stats().kv_usage,
         resident=service.resident_count,
     )
-    # The scheduler's per-step callback slot (it has no constructor argument for it yet).
-    scheduler.on_step = lambda: metrics.observe_batch(engine.num_running)
     return Runtime(settings, backend.ref, backend.description, backend.tokenizer, engine, scheduler, registry, service, metrics, readiness)

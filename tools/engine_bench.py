@@ -24,7 +24,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @dataclass(frozen=True)
-class _Weights:  # the shape of registry.validation.LoraModuleWeights
+class _Weights:  # the shape of store.validation.LoraModuleWeights
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float

@@ -179,7 +179,7 @@ class TorchLayerStore:
     """The torch engine's adapter weights: every wrapped layer (``MultiLoraLinear``, lora.py)
     keeps each slot's A/B as tensors of their own, only in the layers the adapter targets, so
     there is nothing to grow (any slot number fits) and a write replaces no other slot's tensors.
-    The payload is ``{module name: weights}`` (registry/validation.py's LoraModuleWeights: ``a``
+    The payload is ``{module name: weights}`` (store/validation.py's LoraModuleWeights: ``a``
     [r, in], ``b`` [out, r], ``scale``, ``rank``). A write that fails midway is undone by
     ``clear`` (the slot is dropped from every layer)."""
 

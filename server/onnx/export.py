@@ -141,7 +141,7 @@ def export_onnx(config: ExportConfig, *, say: Callable[[str], None] = print) -> 
 
     from loraplex.server import __version__
     from loraplex.server.basemodel import resolve_base
-    from loraplex.server.registry.validation import BaseShapes, load_validated_adapter
+    from loraplex.server.store.validation import BaseShapes, load_validated_adapter
 
     output = Path(config.output_path)
     if output.exists() and any(output.iterdir()) and not config.overwrite:

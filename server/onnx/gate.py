@@ -25,7 +25,7 @@ from pathlib import Path
 
 from loraplex.server import __version__
 from loraplex.server.errors import AdapterInvalid
-from loraplex.server.registry.validation import BaseShapes, ValidatedAdapter, load_validated_adapter
+from loraplex.server.store.validation import BaseShapes, ValidatedAdapter, load_validated_adapter
 from loraplex.server.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, read_manifest
 from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, onnx_adapter_arrays, write_onnx_adapter
 from loraplex.server.store.weights import sha256_file_memo

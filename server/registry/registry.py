@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Mapping, Protocol
 
 from loraplex.server.errors import AdapterInvalid, AdapterNotFound, LoraplexError, Overloaded
-from loraplex.server.registry.validation import BaseShapes, ValidatedAdapter, load_validated_adapter, resolve_adapter_path
+from loraplex.server.store.validation import BaseShapes, ValidatedAdapter, load_validated_adapter, resolve_adapter_path
 from loraplex.server.store import AdapterStore
 from loraplex.server.store.fingerprint import StoreSignature, content_digest, signature
 from loraplex.server.store.names import validate_adapter_name

@@ -5,7 +5,10 @@ An adapter is a folder ``<store>/<name>/`` holding peft's standard files
 ``loraplex.json`` manifest, which adds to peft's files and never replaces them. Any plain peft
 LoRA folder is a valid store entry. Dot-prefixed entries are staging/trash/checkpoint folders and
 are never adapters. ``fingerprint.py`` tells whether an entry changed, settled and is whole
-(for ``--watch``). This package knows nothing of models, engines or training loops.
+(for ``--watch``); ``validation.py`` checks an entry against a base's Linear shapes and reads its
+weights (the gate at load, for the server and the offline exporter alike). This package knows
+nothing of engines, servers or training loops (it looks at a model's module names and shapes
+only).
 """
 
 from loraplex.server.store.layout import AdapterStore, ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST

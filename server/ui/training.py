@@ -1,16 +1,19 @@
 """Train-to-serve from the console: data files (the shipped demo sets and size-limited uploads,
-validated with the trainer's own record reader), one ``train-adapter`` subprocess at a time
+validated by the trainer's own record reader in a subprocess, ``loraplex.training.inspect_data``),
+one ``train-adapter`` subprocess at a time
 writing into the store (it publishes atomically, so the registry's next scan lists the new
 adapter), and its progress (step, loss, ETA) read from the trainer's progress bar on stderr.
 
 Files are chosen by id (``demo:<file>`` or ``upload:<id>``), never by a client-given path.
-Knows nothing of HTTP beyond raising loraplex errors.
+Knows nothing of HTTP beyond raising loraplex errors, and never imports the training package
+(it runs it: import contract ``server-not-training``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import os
 import re
 import shutil
@@ -155,9 +158,10 @@ class TrainingJobs:
     # ------------------------------------------------------------ data files
     @staticmethod
     def _demo_files() -> dict[str, Path]:
-        import loraplex.training
+        import importlib.util
 
-        folder = Path(loraplex.training.__file__).parent / "demo_data"
+        spec = importlib.util.find_spec("loraplex.training")  # located, never imported
+        folder = Path(list(spec.submodule_search_locations)[0]) / "demo_data"
         return {f"demo:{p.name}": p for p in sorted(folder.glob("*.jsonl"))}
 
     def files(self) -> list[dict[str, Any]]:
@@ -192,13 +196,12 @@ class TrainingJobs:
         path = self._upload_dir / f"{file_id}-{safe}"
         path.write_bytes(body)
         try:
-            records = await asyncio.to_thread(_read_records, path)
+            summary = await _inspect_records(path)
         except RequestInvalid:
             path.unlink(missing_ok=True)
             raise
-        fields = sorted({k for r in records[:200] for k in r})
         self._uploads[f"upload:{file_id}"] = path
-        return {"id": f"upload:{file_id}", "records": len(records), "fields": fields}
+        return {"id": f"upload:{file_id}", "records": summary["records"], "fields": summary["fields"]}
 
     # ------------------------------------------------------------ jobs
     def running(self) -> TrainJob | None:
@@ -280,11 +283,20 @@ class TrainingJobs:
             shutil.rmtree(self._upload_dir, ignore_errors=True)
 
 
-def _read_records(path: Path) -> list[dict]:
-    """The trainer's own reader (same errors as the CLI gives for a bad data file)."""
-    from loraplex.training.data import load_records
-
+async def _inspect_records(path: Path) -> dict[str, Any]:
+    """The trainer's own reader, run in a subprocess (same errors as the CLI gives for a bad file)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "loraplex.training.inspect_data", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
     try:
-        return load_records([path])
-    except RequestInvalid as exc:
-        raise RequestInvalid(str(exc).replace(str(path), path.name.split("-", 1)[1]), param="file") from exc
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    except asyncio.TimeoutError:
+        proc.kill()
+        raise RequestInvalid("reading the upload took more than 120 s", param="file") from None
+    if proc.returncode != 0:
+        lines = err.decode("utf-8", "replace").strip().splitlines()
+        message = lines[-1] if lines else f"the data reader exited with code {proc.returncode}"
+        raise RequestInvalid(message.replace(str(path), path.name.split("-", 1)[1]), param="file")
+    return json.loads(out.decode().strip().splitlines()[-1])

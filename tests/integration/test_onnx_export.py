@@ -186,7 +186,7 @@ def test_adapter_file_round_trip(fp32_export, adapters, tiny_base):
     from safetensors.torch import load_file
 
     from loraplex.server.basemodel import compute_fingerprint
-    from loraplex.server.registry.validation import BaseShapes, load_validated_adapter
+    from loraplex.server.store.validation import BaseShapes, load_validated_adapter
 
     shapes = BaseShapes.from_config(tiny_base, compute_fingerprint(tiny_base))
     validated = load_validated_adapter(fp32_export / "attn.onnx_adapter", "attn", shapes, max_lora_rank=64)

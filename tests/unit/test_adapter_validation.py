@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from loraplex.server.basemodel import compute_fingerprint
 from loraplex.server.errors import AdapterInvalid, AdapterNotFound
 from loraplex.server.registry import BaseShapes, load_validated_adapter
-from loraplex.server.registry.validation import resolve_adapter_path
+from loraplex.server.store.validation import resolve_adapter_path
 from loraplex.server.store import AdapterManifest, AdapterStore, sha256_file, write_manifest
 from tests.conftest import make_tiny_llama
 

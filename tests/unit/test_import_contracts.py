@@ -23,8 +23,6 @@ CONTRACTS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["import
 #: contracts broken by files their owners are still changing: strict xfail, so the marker must go
 #: as soon as the contract holds (XPASS fails the run).
 KNOWN_BROKEN: dict[str, str] = {
-    "server-not-training": "server/ui/training.py (web console) imports loraplex.training; it should run train-adapter out of process",
-    "export-not-registry": "server/onnx/export.py imports registry.validation; the shared check has to move below both",
 }
 
 #: "only" contracts: the server packages the source may import (directly or through others)
@@ -35,9 +33,7 @@ ONLY_ALLOWED = {
 }
 
 #: cross-module imports of private names that owners still have to remove: (file, module, name)
-KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = {
-    ("server/bench_backends.py", "loraplex.server.bench", "_start_server"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 def _lint_imports(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -18,7 +18,7 @@ from tests.oracle import make_random_adapter
 @pytest.fixture(scope="module")
 def shapes(tiny_base):
     from loraplex.server.basemodel import compute_fingerprint
-    from loraplex.server.registry.validation import BaseShapes
+    from loraplex.server.store.validation import BaseShapes
 
     return BaseShapes.from_config(tiny_base, compute_fingerprint(tiny_base))
 

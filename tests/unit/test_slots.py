@@ -15,7 +15,7 @@ from loraplex.server.engine.slots import LoraSlots, SlotTable, default_growth
 
 
 @dataclass(frozen=True)
-class W:  # the shape of registry.validation.LoraModuleWeights
+class W:  # the shape of store.validation.LoraModuleWeights
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float = 2.0
