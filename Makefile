@@ -8,6 +8,8 @@ STAMP_DEPS  := $(VENV)/.stamp-deps
 STAMP_BASE  := $(VENV)/.stamp-base-model
 STAMP_TOOLS := $(VENV)/.stamp-tools
 STAMP_BUF   := .tools/.stamp-buf
+LMEVAL_VENV := .venv-lmeval
+STAMP_LMEVAL := $(LMEVAL_VENV)/.stamp-lmeval
 SERVE_ARGS ?=
 
 .PHONY: venv test test-fast contracts serve bench bench-backends onnx-report proto deploy-check demo-data demo-adapters clean help
@@ -73,7 +75,17 @@ $(STAMP_BUF):
 	else echo "warning: npm not found; the buf lint test will be skipped"; fi
 	touch $@
 
-test: venv $(STAMP_TOOLS) $(STAMP_BUF)
+# lm-evaluation-harness for tests/integration/test_lm_eval.py, in its own venv (it is only an HTTP
+# client of the server: no torch). A .pth adds the main venv's site-packages after its own, so the
+# shared packages (datasets, pyarrow, numpy, pandas: the same versions lm-eval accepts) are not
+# downloaded twice; pip installs what is missing (scikit-learn, evaluate, aiohttp, ...) into .venv-lmeval.
+$(STAMP_LMEVAL): $(STAMP_DEPS)
+	test -x $(LMEVAL_VENV)/bin/python || $(PY) -m venv $(LMEVAL_VENV)
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$$($(LMEVAL_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/loraplex-main-venv.pth"
+	$(LMEVAL_VENV)/bin/python -m pip install --disable-pip-version-check -q "lm-eval[api]==0.4.13"
+	touch $@
+
+test: venv $(STAMP_TOOLS) $(STAMP_BUF) $(STAMP_LMEVAL)
 	$(PY) -m pytest -q
 
 # deploy/ checked offline: kustomize renders every overlay, strict schema validation, security
@@ -103,15 +115,17 @@ serve: venv
 	$(VENV)/bin/loraplex serve $(SERVE_ARGS)
 
 bench: venv
-	$(VENV)/bin/loraplex bench --output docs/bench
+	$(VENV)/bin/loraplex bench --phases mixed,base,single,burst,hotload,constrained,mixcomp --output docs/bench
 
 # torch vs onnx backends side by side in one run (docs/benchmarks.md)
 bench-backends: venv
 	$(VENV)/bin/loraplex bench --backends torch,onnx,onnx-per-request --synthetic-adapters 32 --requests 16 --output docs/bench
 
 # ONNX export quality of the demo adapters on the real base (docs/onnx.md; minutes)
+# AWARE=DIR: also report the adapters of DIR (trained with --quantization_aware onnx-int4, train-adapter --config training/demo_tasks_int4aware.yaml) beside the plain ones
+AWARE ?= $(wildcard adapters-int4aware)
 onnx-report: venv
-	$(PY) tools/onnx_report.py --output docs/onnx/report.json
+	$(PY) tools/onnx_report.py --output docs/onnx/report.json $(if $(AWARE),--aware-adapters $(AWARE))
 
 clean:
-	rm -rf $(VENV) .tools build *.egg-info
+	rm -rf $(VENV) $(LMEVAL_VENV) .tools build *.egg-info

@@ -136,6 +136,7 @@ def _onnx_backend(settings: ServerSettings) -> Backend:
     from pathlib import Path
 
     from loraplex.server.onnx.engine import OnnxEngine, genai_eos_ids
+    from loraplex.server.onnx.agreement import PredictionReplay
     from loraplex.server.onnx.gate import OnnxAdapterGate, default_adapter_cache
     from loraplex.server.onnx.manifest import read_export_manifest
     from loraplex.server.onnx.stacked import StackedOnnxEngine
@@ -165,7 +166,10 @@ def _onnx_backend(settings: ServerSettings) -> Backend:
     exported = {a.name: folder / a.file for a in manifest.adapters}
     batching = "mixed-adapter batches" if mixed else "one onnxruntime-genai Generator per request"
     description = f"onnx ({manifest.precision} export, {batching}) on cpu"
-    gate = OnnxAdapterGate(shapes, max_lora_rank=settings.max_lora_rank, cache_dir=default_adapter_cache(manifest.base_fingerprint))
+    # int4 exports: each adapter's stored held-out answers are replayed on the export when it is
+    # converted (the agreement shows in /v1/adapters; a warning below the threshold)
+    replay = PredictionReplay(folder, tokenizer, eos, precision=manifest.precision) if manifest.precision == "int4" else None
+    gate = OnnxAdapterGate(shapes, max_lora_rank=settings.max_lora_rank, cache_dir=default_adapter_cache(manifest.base_fingerprint), replay=replay)
     return Backend(ref, tokenizer, engine, shapes, description, to_payload, exported, validator=gate)
 
 

@@ -18,7 +18,14 @@ ratios compare like with like on a noisy machine, with a progress bar per phase 
    adapter file's size); 6. ``--peer-llama-server PATH`` (``bench_peer.py``): llama.cpp's
    llama-server with the same base (GGUF) and adapters, mixed / base / single;
    7. ``naive``: peft's ``PeftModel`` one request at a time, only when bench started the server
-   itself or ``--naive`` is given (never silently against ``--url``).
+   itself or ``--naive`` is given (never silently against ``--url``);
+   8. ``constrained`` (``--phases ...,constrained``): the mixed load again with ``response_format``
+   json_schema on every request vs free (``unconstrained``), alternating; the tok/s ratio and the
+   grammar's cost per token (server/constraints.py fills each row's mask every step);
+   9. ``mixcomp`` (``--phases ...,mixcomp``): the same load where every third request is a
+   2-adapter weighted mix (body field ``adapters``) vs all single adapters (``singles``),
+   alternating; target: mixes keep >= 0.85 of the single-adapter tok/s.
+``--phases`` picks the server phases (default: mixed, base, single, burst, hotload).
 
 Writes JSON and a PNG plot.
 """
@@ -87,8 +94,14 @@ def _pick(adapters: list[str], mix: str, rng: random.Random, base: str) -> str:
     return rng.choice(adapters)
 
 
-async def _one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, result: PhaseResult, on_token=None, body_for=None) -> None:
+async def _one_request(client, url: str, model: str, prompt: list[int], max_tokens: int, result: PhaseResult, on_token=None, body_for=None,
+                       extra: dict | None = None) -> None:
     body = {**(body_for(model) if body_for else {"model": model}), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+    for key, value in (extra or {}).items():  # None removes a key (ignore_eos with a grammar)
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
     start = time.perf_counter()
     last = None
     try:
@@ -119,12 +132,18 @@ async def _one_request(client, url: str, model: str, prompt: list[int], max_toke
 
 
 async def run_load(url: str, name: str, *, adapters: list[str], base: str, mix: str, concurrency: int, requests: int,
-                   prompt_tokens: int, output_tokens: int, seed: int, during=None, on_token=None, body_for=None, on_done=None) -> PhaseResult:
+                   prompt_tokens: int, output_tokens: int, seed: int, during=None, on_token=None, body_for=None, on_done=None,
+                   models: list[str] | None = None, extra: dict | None = None) -> PhaseResult:
+    """``models``: the model of request i is ``models[i % len(models)]`` (else drawn by ``mix``);
+    ``extra``: body fields added to every request (None removes one)."""
     import httpx
 
     rng = random.Random(seed)
     result = PhaseResult(name, 0, 0, 0.0)
-    plan = [(_pick(adapters, mix, rng, base), [1] + [rng.randrange(100, 30000) for _ in range(prompt_tokens - 1)]) for _ in range(requests)]
+    plan = []
+    for i in range(requests):
+        model = models[i % len(models)] if models else _pick(adapters, mix, rng, base)
+        plan.append((model, [1] + [rng.randrange(100, 30000) for _ in range(prompt_tokens - 1)]))
     queue: asyncio.Queue = asyncio.Queue()
     for item in plan:
         queue.put_nowait(item)
@@ -133,7 +152,7 @@ async def run_load(url: str, name: str, *, adapters: list[str], base: str, mix: 
         async def worker():
             while not queue.empty():
                 model, prompt = queue.get_nowait()
-                await _one_request(client, url, model, prompt, output_tokens, result, on_token, body_for)
+                await _one_request(client, url, model, prompt, output_tokens, result, on_token, body_for, extra)
                 if on_done:
                     on_done()
 
@@ -222,7 +241,8 @@ def _plot(report: dict, path: Path) -> None:
     axes[1].bar([f"{n} p50" for n in itl] + [f"{n} p99" for n in itl], [phases[n]["itl_p50_ms"] for n in itl] + [phases[n]["itl_p99_ms"] for n in itl])
     axes[1].set_title("inter-token latency (ms)")
     axes[1].tick_params(axis="x", rotation=45)
-    fig.suptitle(f"loraplex bench: ratio (a) {report['ratios']['mixed_over_base']}, ratio (b) {report['ratios'].get('server_over_naive')}")
+    ratios = report["ratios"]
+    fig.suptitle("loraplex bench: " + ", ".join(f"{k} {v}" for k, v in ratios.items() if v is not None))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -258,12 +278,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server-args", default="", help="extra flags for the server it starts, e.g. '--quantize int8'")
     parser.add_argument("--repeats", type=int, default=2, help="alternate the mixed and base phases this many times (default 2)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--phases", type=_phase_list, default=DEFAULT_PHASES,
+                        help=f"server phases to run, comma-separated, from {','.join(ALL_PHASES)} (default {','.join(DEFAULT_PHASES)}); "
+                             "constrained: response_format json_schema vs free; mixcomp: a third of the rows 2-adapter mixes vs single adapters")
     parser.add_argument("--output", default="bench-results", help="folder for results.json and results.png")
     group = parser.add_argument_group("backends", "--backends torch,onnx: the two serving backends side by side (server/bench_backends.py)")
     group.add_argument("--backends", help="compare these backends (torch, onnx, onnx-per-request; comma-separated) instead of the mixed/base/naive phases")
     group.add_argument("--onnx-model", help="serve this export-onnx folder for the onnx backend (default: export the base to int4 first)")
     group.add_argument("--backend-concurrency", type=lambda v: [int(x) for x in v.split(",")], default=[4, 8], help="aggregate throughput levels (default 4,8)")
     group.add_argument("--single-requests", type=int, default=6, help="requests of the single-stream phase (default 6)")
+
+
+#: phases of ``--phases`` (the ceilings and the naive baseline have their own flags)
+ALL_PHASES = ("mixed", "base", "single", "burst", "hotload", "constrained", "mixcomp")
+DEFAULT_PHASES = ("mixed", "base", "single", "burst", "hotload")
+
+#: the constrained phase's schema: an array of 32 small records, longer than any --output-tokens
+#: budget up to ~250 tokens, so constrained and free requests produce the same number of tokens
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {"records": {"type": "array", "minItems": 32, "maxItems": 32, "items": {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 9999},
+                       "name": {"type": "string", "maxLength": 8},
+                       "kind": {"enum": ["alpha", "beta", "gamma"]},
+                       "ok": {"type": "boolean"}},
+        "required": ["id", "name", "kind", "ok"], "additionalProperties": False}}},
+    "required": ["records"],
+    "additionalProperties": False,
+}
+
+
+def _phase_list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in ALL_PHASES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown phase(s) {unknown or [text]}; choose from {','.join(ALL_PHASES)}")
+    return names
+
+
+def mix_models(adapters: list[str], requests: int) -> tuple[list[str], list[str]]:
+    """The mixcomp phase's two request plans, request by request: ``singles`` cycles through the
+    adapters; ``with_mixes`` is the same but every third request is the 2-adapter mix
+    ``a:0.7+b:0.3`` of that adapter and the next one."""
+    singles = [adapters[i % len(adapters)] for i in range(requests)]
+    with_mixes = [f"{a}:0.7+{adapters[(i + 1) % len(adapters)]}:0.3" if i % 3 == 2 else a for i, a in enumerate(singles)]
+    return singles, with_mixes
+
+
+def _mix_body(base_name: str):
+    """body_for: a compact mix name becomes the body field ``adapters`` on the base's model."""
+
+    def body(model: str) -> dict:
+        if ":" not in model:
+            return {"model": model}
+        members = [part.split(":") for part in model.split("+")]
+        return {"model": base_name, "adapters": [{"name": n, "weight": float(w)} for n, w in members]}
+
+    return body
 
 
 def run(args: argparse.Namespace) -> int:
@@ -374,7 +446,8 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
 
     from loraplex.server.bench_ceilings import fractions, measure_ceilings, model_cost
 
-    hot = adapters[len(adapters) - args.hotload :] if args.hotload and not args.adapters_dir else []
+    selected = set(getattr(args, "phases", DEFAULT_PHASES))
+    hot = adapters[len(adapters) - args.hotload :] if args.hotload and not args.adapters_dir and "hotload" in selected else []
     serving = [a for a in adapters if a not in hot]
     proc = None
     url = args.url
@@ -420,16 +493,31 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
             warm = min(8, args.requests)
             asyncio.run(run_load(url, "warmup", adapters=serving, mix="uniform", **{**common, "requests": warm}, on_done=progress.phase("warm-up", warm)))
             # mixed and base alternate (A B A B ...) so slow drifts of a shared machine hit both alike
-            for round_ in range(args.repeats):
-                seeded = {**common, "seed": args.seed + round_}
-                for name, kwargs in (("mixed", dict(adapters=serving, mix=args.mix)), ("base", dict(adapters=[], mix="base"))):
-                    done = progress.phase(f"{name} (c={args.concurrency}, round {round_ + 1})", args.requests)
-                    result = asyncio.run(run_load(url, name, **kwargs, **seeded, on_done=done))
-                    phases[name] = result if name not in phases else _combine(phases[name], result)
-            if args.single_stream_requests:
+            pairs = []
+            if "mixed" in selected or "base" in selected:
+                pairs.append([(n, kw) for n, kw in (("mixed", dict(adapters=serving, mix=args.mix)), ("base", dict(adapters=[], mix="base")))
+                              if n in selected])
+            if "constrained" in selected:
+                schema = {"type": "json_schema", "json_schema": {"name": "bench", "schema": BENCH_SCHEMA}}
+                pairs.append([("unconstrained", dict(adapters=serving, mix=args.mix)),
+                              ("constrained", dict(adapters=serving, mix=args.mix, extra={"response_format": schema, "ignore_eos": None}))])
+            if "mixcomp" in selected:
+                if len(serving) < 2:
+                    raise SystemExit("loraplex bench: error: the mixcomp phase needs at least 2 adapters")
+                singles, with_mixes = mix_models(serving, args.requests)
+                pairs.append([("singles", dict(adapters=serving, mix="uniform", models=singles)),
+                              ("with_mixes", dict(adapters=serving, mix="uniform", models=with_mixes, body_for=_mix_body(base_name)))])
+            for pair in pairs:
+                for round_ in range(args.repeats):
+                    seeded = {**common, "seed": args.seed + round_}
+                    for name, kwargs in pair:
+                        done = progress.phase(f"{name} (c={args.concurrency}, round {round_ + 1})", args.requests)
+                        result = asyncio.run(run_load(url, name, **kwargs, **seeded, on_done=done))
+                        phases[name] = result if name not in phases else _combine(phases[name], result)
+            if args.single_stream_requests and "single" in selected:
                 n = args.single_stream_requests
                 phases["single"] = asyncio.run(run_load(url, "single", adapters=serving, mix="uniform", **{**common, "concurrency": 1, "requests": n, "output_tokens": 2 * args.output_tokens}, on_done=progress.phase("single stream", n)))
-            if args.burst:
+            if args.burst and "burst" in selected:
                 n = args.burst
                 phases["burst"] = asyncio.run(run_load(url, "burst", adapters=serving, mix="uniform", **{**common, "concurrency": n, "requests": n}, on_done=progress.phase(f"burst of {n} new requests", n)))
             if hot:
@@ -468,10 +556,25 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
         "ceilings": ceilings,
         "phases": {name: p.summary() for name, p in phases.items()},
         "ratios": {
-            "mixed_over_base": round(phases["mixed"].tok_per_s / phases["base"].tok_per_s, 3) if phases["base"].tok_per_s else None,
-            "server_over_naive": round(phases["mixed"].tok_per_s / phases["naive"].tok_per_s, 2) if "naive" in phases and phases["naive"].tok_per_s else None,
+            "mixed_over_base": _ratio(phases, "mixed", "base", 3),
+            "server_over_naive": _ratio(phases, "mixed", "naive", 2),
         },
     }
+    if "constrained" in phases:
+        c, f = phases["constrained"], phases["unconstrained"]
+        report["ratios"]["constrained_over_free"] = _ratio(phases, "constrained", "unconstrained", 3)
+        report["constrained"] = {
+            "schema": "records: 32 x {id, name, kind, ok} (server/bench.py BENCH_SCHEMA)",
+            # aggregate seconds per output token, constrained minus free: what the grammar adds per token
+            "overhead_ms_per_token": round(1000 * (1 / c.tok_per_s - 1 / f.tok_per_s), 3) if c.tok_per_s and f.tok_per_s else None,
+            "itl_p50_delta_ms": round(_pct(c.itl, 50) - _pct(f.itl, 50), 2) if c.itl and f.itl else None,
+            "tokens_per_request": {"constrained": round(c.output_tokens / max(1, c.requests), 1),
+                                   "free": round(f.output_tokens / max(1, f.requests), 1)},
+        }
+    if "with_mixes" in phases:
+        report["ratios"]["mixes_over_singles"] = _ratio(phases, "with_mixes", "singles", 3)
+        report["mixcomp"] = {"mix_fraction": round(sum(":" in m for m in mix_models(serving, args.requests)[1]) / args.requests, 3),
+                             "members_per_mix": 2, "target": 0.85}
     if "burst" in phases and phases["burst"].ttft:
         b = report["phases"]["burst"]
         report["ratios"]["burst_ttft_p99_over_p50"] = round(b["ttft_p99_ms"] / b["ttft_p50_ms"], 2) if b["ttft_p50_ms"] else None
@@ -510,6 +613,12 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
     print(f"wrote {out_dir / 'results.json'} and {out_dir / 'results.png'}")
     shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _ratio(phases: dict[str, PhaseResult], a: str, b: str, digits: int) -> float | None:
+    if a not in phases or b not in phases or not phases[b].tok_per_s:
+        return None
+    return round(phases[a].tok_per_s / phases[b].tok_per_s, digits)
 
 
 def _run_peer(args, ref, store: Path, serving: list[str], work: Path, common: dict, progress) -> dict:

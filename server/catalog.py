@@ -25,8 +25,9 @@ CATALOG_MAX_AGE = 1.0
 
 
 class Catalog:
-    def __init__(self, registry: AdapterRegistry, *, base_name: str, created: int, max_age: float = CATALOG_MAX_AGE) -> None:
+    def __init__(self, registry: AdapterRegistry, *, base_name: str, created: int, max_model_len: int | None = None, max_age: float = CATALOG_MAX_AGE) -> None:
         self.registry = registry
+        self.max_model_len = max_model_len  # every adapter shares the base's context
         self.base_name = base_name
         self.created = created
         self.max_age = max_age
@@ -49,15 +50,27 @@ class Catalog:
 
     async def models(self, key: ApiKey | None) -> list[dict[str, Any]]:
         await self.refresh()
-        base = {"id": self.base_name, "object": "model", "created": self.created, "owned_by": "loraplex", "root": self.base_name, "parent": None}
+        base = {"id": self.base_name, "object": "model", "created": self.created, "owned_by": "loraplex", "root": self.base_name, "parent": None, "max_model_len": self.max_model_len}
         models = [base]
         for name, entry in sorted(self.registry.entries.items()):
-            models.append({"id": name, "object": "model", "created": self.created, "owned_by": "loraplex", "root": str(entry.path), "parent": self.base_name, "state": entry.state.value})
+            models.append(
+                {"id": name, "object": "model", "created": self.created, "owned_by": "loraplex", "root": str(entry.path), "parent": self.base_name, "state": entry.state.value, "max_model_len": self.max_model_len}
+            )
         return [m for m in models if Access.visible(key, m["id"])]
 
     async def adapters(self, key: ApiKey | None) -> list[dict[str, Any]]:
         await self.refresh()
-        return [entry.describe() for name, entry in sorted(self.registry.entries.items()) if Access.visible(key, name)]
+        return [self._describe(name, entry) for name, entry in sorted(self.registry.entries.items()) if Access.visible(key, name)]
 
     def adapter(self, name: str) -> dict[str, Any]:
-        return self.registry.get(name).describe()
+        return self._describe(name, self.registry.get(name))
+
+    def _describe(self, name: str, entry) -> dict[str, Any]:
+        info = entry.describe()
+        # the onnx gate of an int4 export replays each adapter's stored held-out answers on the
+        # export (server/onnx/agreement.py); read duck-typed: the catalog knows nothing of onnx
+        agreement = getattr(self.registry.validator, "agreement", None)
+        if agreement is not None:
+            found = agreement(name)  # None until converted, or without stored answers
+            info["export_agreement"] = None if found is None else found.as_dict()
+        return info

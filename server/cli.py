@@ -3,7 +3,8 @@ over a library function, and user errors print one line on stderr with exit code
 
 Subcommands: ``serve`` (the HTTP server), ``export-onnx`` (base + adapters -> onnxruntime-genai
 model), ``bench``, ``keys``, ``base`` (resolve / materialize the base and print its
-fingerprint) and ``adapters`` (list and inspect the adapter store). ``loraplex --help`` lists
+fingerprint) and ``adapters`` (list and inspect the adapter store; ``adapters mix`` writes a
+named weighted mix into it, docs/mixes.md). ``loraplex --help`` lists
 what exists.
 """
 
@@ -86,6 +87,31 @@ def _cmd_adapters_show(args: argparse.Namespace) -> int:
     from loraplex.server.store import AdapterStore
 
     print(json.dumps(_adapter_summary(AdapterStore(args.adapters_dir), args.name), indent=2))
+    return 0
+
+
+def _cmd_adapters_mix(args: argparse.Namespace) -> int:
+    from loraplex.server.basemodel import resolve_base
+    from loraplex.server.errors import RequestInvalid
+    from loraplex.server.mixes import parse_members
+    from loraplex.server.store import AdapterStore
+    from loraplex.server.store.mix import write_mix
+    from loraplex.server.store.validation import BaseShapes
+
+    try:
+        spec = parse_members(args.recipe, param="RECIPE", max_members=args.max_members)
+    except RequestInvalid as exc:
+        raise RequestInvalid(f"adapters mix: {exc} (e.g. extract:0.7+datefmt:0.3 or extract:0.7,datefmt:0.3)") from None
+    store = AdapterStore(args.adapters_dir)
+    for member in spec.names:
+        store.existing(member)  # an unknown member fails before the base is resolved
+    ref = resolve_base(args.model_name_or_path)
+    shapes = BaseShapes.from_config(ref.path, ref.fingerprint)
+    folder = write_mix(
+        store, args.name, spec.members, shapes, base_model_id=ref.id, max_lora_rank=args.max_lora_rank,
+        overwrite=args.overwrite, loraplex_version=__version__,
+    )
+    print(json.dumps({**_adapter_summary(store, args.name), "mix": spec.label, "path": str(folder)}, indent=2))
     return 0
 
 
@@ -289,6 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name")
     show.add_argument("--adapters-dir", default="adapters", help="the adapter store (default: adapters)")
     show.set_defaults(func=_cmd_adapters_show)
+    mix = adapters_sub.add_parser(
+        "mix",
+        help="write a weighted mix of store adapters as a new adapter (exact rank concatenation; served like any adapter)",
+        description="Writes NAME into the store: a normal peft LoRA folder whose every module holds the members' LoRAs side by "
+        "side (A stacked, B times weight and the member's own scale), equal to peft's add_weighted_adapter(combination_type='cat'). "
+        "loraplex.json records the recipe. Published atomically. See docs/mixes.md.",
+    )
+    mix.add_argument("name", help="the new adapter's name")
+    mix.add_argument("recipe", metavar="RECIPE", help="members and weights: a:0.7+b:0.3 or a:0.7,b:0.3 (a member without :w weighs 1)")
+    mix.add_argument("--adapters-dir", default="adapters", help="the adapter store (default: adapters)")
+    mix.add_argument("--model_name_or_path", "--base", default="embedded", help="the base the members were trained on: 'embedded' (default), a model folder or a hub id")
+    mix.add_argument("--max-lora-rank", type=int, default=64, help="refuse a mix whose summed rank at any module exceeds this (the server's --max-lora-rank; default 64)")
+    mix.add_argument("--max-members", type=int, default=8, help="members at most (default 8)")
+    mix.add_argument("--overwrite", action="store_true", help="replace an existing adapter NAME (atomically)")
+    mix.set_defaults(func=_cmd_adapters_mix)
     return parser
 
 

@@ -33,6 +33,7 @@ def sampling(**kwargs) -> pb.SamplingParams:
     stop = kwargs.pop("stop", None) or []
     stop_token_ids = kwargs.pop("stop_token_ids", None) or []
     params = pb.SamplingParams(stop=[stop] if isinstance(stop, str) else list(stop), stop_token_ids=list(stop_token_ids))
+    params.logit_bias.update({int(k): float(v) for k, v in (kwargs.pop("logit_bias", None) or {}).items()})
     for key, value in kwargs.items():
         if value is not None:
             setattr(params, key, value)
@@ -76,6 +77,12 @@ class LoraplexGrpcClient:
         request = pb.ChatRequest(adapter=adapter, request_id=request_id, sampling=sampling(**kwargs),
                                  messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
         return self.stub.Chat(request, timeout=self.timeout)
+
+    def tokenize(self, text: str, *, adapter: str = "", add_special_tokens: bool = True) -> list[int]:
+        return list(self.stub.Tokenize(pb.TokenizeRequest(adapter=adapter, prompt=text, add_special_tokens=add_special_tokens), timeout=self.timeout).tokens)
+
+    def detokenize(self, tokens: Sequence[int], *, adapter: str = "") -> str:
+        return self.stub.Detokenize(pb.DetokenizeRequest(adapter=adapter, tokens=list(tokens)), timeout=self.timeout).text
 
     def list_adapters(self) -> list[pb.Adapter]:
         return list(self.stub.ListAdapters(pb.ListAdaptersRequest(), timeout=self.timeout).adapters)

@@ -2,12 +2,18 @@
 one process in tests). Per-adapter series use the label ``adapter`` (the bare base counts under
 its served name). Also exports the names the Kubernetes Gateway API Inference Extension reads
 (``vllm:num_requests_running``, ``vllm:num_requests_waiting``, ``vllm:kv_cache_usage_perc``,
-``vllm:lora_requests_info``) so adapter-affinity routing works unchanged."""
+``vllm:lora_requests_info``) so adapter-affinity routing works unchanged.
+
+A weighted mix request (docs/mixes.md) counts under EACH member's ``adapter`` label in every
+per-adapter series (requests, tokens, latencies, ``vllm:lora_requests_info``), so an adapter's
+series show all the traffic it served, and ONCE in ``loraplex_mix_requests_total{members,status}``
+(``members`` = the member names sorted and joined by ``+``, weights left out so that tuning a
+weight does not make a new series)."""
 
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -39,6 +45,12 @@ class ServerMetrics:
         self.key_tokens = Counter("loraplex_key_tokens", "Prompt + generated tokens per API key.", ["key"], registry=r)
         self.batch_size = Histogram("loraplex_batch_size", "Sequences in the running batch at each decode step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.evictions = Counter("loraplex_adapter_evictions", "Adapters evicted by LRU.", registry=r)
+        self.mix_requests = Counter(
+            "loraplex_mix_requests",
+            "Finished weighted-mix requests by member set (names sorted, joined by +) and status; each member also counts under its adapter label.",
+            ["members", "status"],
+            registry=r,
+        )
         self.load_failures = Counter("loraplex_adapter_load_failures", "Adapter loads refused.", ["adapter"], registry=r)
         # names the Gateway API Inference Extension (endpoint picker) scrapes from vLLM
         vllm_registry = r if vllm_compat else CollectorRegistry()
@@ -65,12 +77,24 @@ class ServerMetrics:
         self.vllm_lora.clear()
         self.vllm_lora.labels(str(max_lora), ",".join(sorted(set(running))), ",".join(sorted(set(waiting)))).set(time.time())
 
+    def count_mix(self, members: str, status: str) -> None:
+        """One finished mix request (``members``: ``MixSpec.member_set``). The per-adapter series
+        are counted by the caller under each member's name (``labels_of``)."""
+        self.mix_requests.labels(members, status).inc()
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
+def labels_of(adapter: str | Sequence[str]) -> tuple[str, ...]:
+    """The ``adapter`` labels a request counts under: its adapter (or the base's served name),
+    or each member of a mix."""
+    return (adapter,) if isinstance(adapter, str) else tuple(adapter)
+
+
 class RequestClock:
-    """The latency series of one request, each observed at the moment that defines it:
+    """The latency series of one request, each observed at the moment that defines it (under
+    each label in ``labels_of(adapter)``: a mix's members each get the observation):
 
     - queue time: submitted to the scheduler -> admitted into the engine's batch (``admitted``,
       reported from the engine thread through the request's admission hook);
@@ -81,8 +105,9 @@ class RequestClock:
     stamped on the engine thread), so queueing on the event loop does not skew them.
     """
 
-    def __init__(self, metrics: ServerMetrics, adapter: str, submitted: float | None = None) -> None:
-        self.metrics, self.adapter = metrics, adapter
+    def __init__(self, metrics: ServerMetrics, adapter: str | Sequence[str], submitted: float | None = None) -> None:
+        self.metrics, self.labels = metrics, labels_of(adapter)
+        self.adapter = self.labels[0] if len(self.labels) == 1 else "+".join(self.labels)
         self.submitted = time.perf_counter() if submitted is None else submitted
         self.admitted_at: float | None = None
         self.last_token_at: float | None = None
@@ -90,13 +115,15 @@ class RequestClock:
     def admitted(self, at: float) -> None:
         if self.admitted_at is None:
             self.admitted_at = at
-            self.metrics.queue_time.labels(self.adapter).observe(at - self.submitted)
+            for label in self.labels:
+                self.metrics.queue_time.labels(label).observe(at - self.submitted)
 
     def token(self, at: float) -> None:
-        if self.last_token_at is None:
-            self.metrics.ttft.labels(self.adapter).observe(at - self.submitted)
-        else:
-            self.metrics.itl.labels(self.adapter).observe(at - self.last_token_at)
+        for label in self.labels:
+            if self.last_token_at is None:
+                self.metrics.ttft.labels(label).observe(at - self.submitted)
+            else:
+                self.metrics.itl.labels(label).observe(at - self.last_token_at)
         self.last_token_at = at
 
     @property
@@ -105,7 +132,9 @@ class RequestClock:
         return self.last_token_at is not None
 
     def finished(self, at: float | None = None) -> None:
-        self.metrics.e2e_latency.labels(self.adapter).observe((time.perf_counter() if at is None else at) - self.submitted)
+        elapsed = (time.perf_counter() if at is None else at) - self.submitted
+        for label in self.labels:
+            self.metrics.e2e_latency.labels(label).observe(elapsed)
 
 
 
@@ -125,20 +154,23 @@ class AdapterActivity:
         if table[name] <= 0:
             table.pop(name, None)
 
-    def enter(self, name: str) -> None:
-        """A request for ``name`` is waiting for its first token."""
-        self._add(self.waiting, name, +1)
+    def enter(self, name: str | Sequence[str]) -> None:
+        """A request for ``name`` (or each member of a mix) is waiting for its first token."""
+        for label in labels_of(name):
+            self._add(self.waiting, label, +1)
         self.publish()
 
-    def start(self, name: str) -> None:
+    def start(self, name: str | Sequence[str]) -> None:
         """Its first token arrived: waiting -> running."""
-        self._add(self.waiting, name, -1)
-        self._add(self.running, name, +1)
+        for label in labels_of(name):
+            self._add(self.waiting, label, -1)
+            self._add(self.running, label, +1)
         self.publish()
 
-    def leave(self, name: str, started: bool) -> None:
+    def leave(self, name: str | Sequence[str], started: bool) -> None:
         """It ended (after ``start`` when ``started``)."""
-        self._add(self.running if started else self.waiting, name, -1)
+        for label in labels_of(name):
+            self._add(self.running if started else self.waiting, label, -1)
         self.publish()
 
     def publish(self) -> None:

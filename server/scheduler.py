@@ -6,6 +6,11 @@ only through the ``Engine`` protocol (``engine/protocol.py``): ``admit`` and ``s
 Other threads only call ``submit``, ``cancel`` and ``call``; the engine is never touched
 concurrently, and no other thread writes the engine's objects: a cancellation is a command the
 engine thread applies before its next step. Knows nothing of text or HTTP.
+
+A request with forks (n > 1) takes ``1 + len(forks)`` engine rows and is admitted only when the
+engine has that many free (first come, first served: it is not overtaken). A request cancelled
+while queued leaves the queue; its forks that are not cancelled stay, the first of them taking
+its place (cancelling one choice never ends the others).
 """
 
 from __future__ import annotations
@@ -17,13 +22,35 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from loraplex.server.engine.protocol import Engine
-from loraplex.server.engine.rows import FINISH_CANCELLED, FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, EngineRequest
-from loraplex.server.engine.sampling import SamplingParams
+from loraplex.server.engine.rows import (
+    ALL_FEATURES,
+    FINISH_CANCELLED,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    EngineRequest,
+    TokenConstraint,
+    TokenLogprob,
+    promote_forks,
+)
+from loraplex.server.engine.sampling import MAX_TOP_LOGPROBS, SamplingParams
 from loraplex.server.errors import Overloaded
 
 #: what callers of the scheduler use of the engine's types (the service imports them from here,
 #: never from the engine: import contract "service-via-scheduler")
-__all__ = ["Scheduler", "EngineRequest", "SamplingParams", "FINISH_CANCELLED", "FINISH_ERROR", "FINISH_LENGTH", "FINISH_STOP"]
+__all__ = [
+    "Scheduler",
+    "EngineRequest",
+    "SamplingParams",
+    "TokenLogprob",
+    "TokenConstraint",
+    "ALL_FEATURES",
+    "MAX_TOP_LOGPROBS",
+    "FINISH_CANCELLED",
+    "FINISH_ERROR",
+    "FINISH_LENGTH",
+    "FINISH_STOP",
+]
 
 log = logging.getLogger("loraplex.scheduler")
 
@@ -53,6 +80,12 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The per-request features the engine honours (``rows.ALL_FEATURES`` names); the service
+        refuses a request using any other."""
+        return frozenset(getattr(self.engine, "features", frozenset()))
 
     def submit(self, request: EngineRequest) -> None:
         with self._cv:
@@ -121,24 +154,40 @@ class Scheduler:
                 self.on_step()
 
     def _drop_cancelled_waiting(self) -> None:
-        """Requests cancelled or timed out while still queued leave the queue at once."""
+        """Requests cancelled or timed out while still queued leave the queue at once (their
+        live forks stay, the first taking the cancelled request's place)."""
         with self._cv:
             if not any(r.cancelled for r in self.waiting):
                 return
             dropped = [r for r in self.waiting if r.cancelled]
-            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+            self.waiting = deque(r if not r.cancelled else promote_forks(r) for r in self.waiting)
+            self.waiting = deque(r for r in self.waiting if r is not None)
         for request in dropped:
             request.emit(None, request.cancel_reason)
 
     def _admit(self) -> None:
-        """Every waiting request the engine has a row for; the engine paces their prefill."""
-        while self.engine.has_capacity():
+        """Waiting requests, oldest first, while the engine has their rows; the engine paces
+        their prefill."""
+        while True:
             with self._cv:
                 if not self.waiting:
                     return
-                request = self.waiting.popleft()
+                request = self.waiting[0]
+                if not request.cancelled and request.rows > self.engine.max_batch_size:
+                    self.waiting.popleft()
+                    log.error("request %s needs %d rows; the engine has %d (max_batch_size)", request.request_id, request.rows, self.engine.max_batch_size)
+                    for member in (request, *request.forks):
+                        member.emit(None, FINISH_ERROR)
+                    continue
+                if not request.cancelled and not self.engine.has_capacity(request.rows):
+                    return
+                self.waiting.popleft()
             if request.cancelled:
                 request.emit(None, request.cancel_reason)
+                promoted = promote_forks(request)
+                if promoted is not None:
+                    with self._cv:
+                        self.waiting.appendleft(promoted)
                 continue
             if request.on_admit is not None:
                 try:
@@ -149,4 +198,5 @@ class Scheduler:
                 self.engine.admit(request)
             except Exception:
                 log.exception("admission failed for request %s", request.request_id)
-                request.emit(None, FINISH_ERROR)
+                for member in (request, *request.forks):
+                    member.emit(None, FINISH_ERROR)

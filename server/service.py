@@ -5,7 +5,7 @@ and adds nothing of its own but the front-facing method names:
 - ``catalog.Catalog``: the models and adapters a caller sees (store listing off the event loop);
 - ``admin.AdapterAdmin``: load / unload / consistency for admin keys;
 - ``generation.Generation``: the request pipeline (validate, tokenize, sample, admit, stream,
-  account).
+  account), and the tokenizer endpoints (``/tokenize``, ``/detokenize``, ``/tokenizer_info``).
 
 It reads the server's one ``Readiness`` (moved only by the lifecycle). It never touches the
 model (the engine is reached through the scheduler) and knows nothing of HTTP or gRPC.
@@ -55,7 +55,7 @@ class GenerationService:
         self.readiness = readiness or Readiness()  # moved by the lifecycle only; read here
         self.access = Access(self.keys)
         self.activity = AdapterActivity(metrics, settings.max_loras, base_name)  # vllm:lora_requests_info
-        self.catalog = Catalog(registry, base_name=base_name, created=int(time.time()))
+        self.catalog = Catalog(registry, base_name=base_name, created=int(time.time()), max_model_len=settings.max_model_len)
         self.admin = AdapterAdmin(self.access, registry, scheduler, self.activity)
         self.generation = Generation(
             tokenizer=tokenizer,
@@ -123,6 +123,25 @@ class GenerationService:
     def generate(self, req: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events for one request; closing the iterator cancels the request."""
         return self.generation.generate(req)
+
+    async def tokenize(
+        self, *, model: str | None, prompt: str | None = None, messages: list[dict[str, Any]] | None = None, add_special_tokens: bool = True, add_generation_prompt: bool = True, credential: str | None = None
+    ) -> dict[str, Any]:
+        """``/tokenize`` (vLLM's shape): ``{tokens, count, max_model_len}``."""
+        return await self.generation.tokenize_text(model=model, prompt=prompt, messages=messages, add_special_tokens=add_special_tokens, add_generation_prompt=add_generation_prompt, credential=credential)
+
+    async def detokenize(self, *, model: str | None, tokens: list[int], credential: str | None = None) -> dict[str, Any]:
+        """``/detokenize`` (vLLM's shape): ``{prompt}``."""
+        return await self.generation.detokenize(model=model, tokens=tokens, credential=credential)
+
+    def tokenizer_info(self, credential: str | None = None) -> dict[str, Any]:
+        """``/tokenizer_info`` (vLLM's; lm-eval's ``tokenizer_backend=remote`` reads it)."""
+        self.authenticate(credential)
+        return self.generation.tokenizer_info()
+
+    def check_prompt_count(self, count: int) -> None:
+        """/v1/completions with a list of prompts: at most ``--max-prompts``."""
+        self.generation.check_prompt_count(count)
 
     @property
     def inflight(self) -> dict:

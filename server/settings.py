@@ -42,6 +42,7 @@ class ServerSettings(BaseSettings):
     )
     max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
+    max_mix_adapters: int = Field(4, ge=1, description="adapters one weighted mix may combine (the adapters field or model 'a:0.7+b:0.3'; docs/mixes.md)")
     adapter_wait_timeout: float = Field(
         5.0, ge=0, description="seconds a request for a non-resident adapter waits for a slot when all --max-loras are busy, then 429"
     )
@@ -51,6 +52,9 @@ class ServerSettings(BaseSettings):
     request_timeout: float = Field(0, ge=0, description="seconds a request may run before it ends with finish_reason 'timeout' (0 = no limit)")
     shutdown_timeout: float = Field(30, ge=0, description="on SIGTERM, seconds in-flight requests get before they end with finish_reason 'abort'")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    max_n: int = Field(8, ge=1, description="choices per request at most (n); each choice takes a batch row, its own seed = seed + index")
+    max_prompts: int = Field(64, ge=1, description="/v1/completions: prompts in one request at most (a list of prompts, as lm-eval sends)")
+    max_logit_bias: int = Field(300, ge=0, description="logit_bias entries per request at most")
     preload: Annotated[list[str], NoDecode] = Field(default_factory=list, description="adapters to load at start (comma-separated)")
     watch: bool = Field(False, description="poll the store and pick up adapters published while running")
     watch_interval: float = Field(2.0, gt=0, description="seconds between store polls with --watch")

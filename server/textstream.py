@@ -117,3 +117,36 @@ class TextAssembler:
         end = max(0, end)
         delta, self.pending = self.pending[:end], self.pending[end:]
         return delta
+
+
+class TokenPieces:
+    """One token id -> (its text, its bytes), as logprobs show each token on its own (OpenAI's
+    ``token`` and ``bytes``). Byte-level BPE tokenizers (GPT-2 style, SmolLM2) map the token's
+    string back through ``transformers``' byte table, so a token holding half of a UTF-8
+    character has its true bytes (its text shows U+FFFD); other tokenizers go through
+    ``decode``. Special tokens keep their written form. Cached per id (bounded by the vocab)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        self._byte_of = None
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        if decoder is not None and type(decoder).__name__ == "ByteLevel":
+            from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+            self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()}
+
+    def piece(self, token_id: int) -> tuple[str, list[int]]:
+        cached = self._cache.get(token_id)
+        if cached is not None:
+            return cached
+        raw = None
+        if self._byte_of is not None:
+            token = self.tokenizer.convert_ids_to_tokens(token_id)
+            if isinstance(token, str) and all(ch in self._byte_of for ch in token):
+                raw = bytes(self._byte_of[ch] for ch in token)
+        if raw is None:
+            raw = self.tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        result = (raw.decode("utf-8", errors="replace"), list(raw))
+        self._cache[token_id] = result
+        return result

@@ -16,6 +16,11 @@ from loraplex.server.errors import RequestInvalid
 GREEDY_BELOW = 1e-5
 TEMPERATURE_MAX = 2.0
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+#: top logprobs per token at most (chat top_logprobs, completions logprobs; vLLM's limit)
+LOGPROBS_MAX = 20
+PENALTY_MAX = 2.0  # presence_penalty, frequency_penalty in [-2, 2] (OpenAI)
+REPETITION_PENALTY_MAX = 10.0  # repetition_penalty in (0, 10] (HF/vLLM: > 0; 1 = off)
+LOGIT_BIAS_MAX = 100.0  # each logit_bias value in [-100, 100] (OpenAI)
 #: longest model name echoed in an error (names are adapter names, <= 64 characters, or the base's)
 MODEL_NAME_MAX = 256
 
@@ -124,3 +129,48 @@ def token_ids(values: Any, param: str, vocab: int) -> list[int]:
             fail(f"{param} value {short(value)} is outside the vocabulary [0, {vocab})", param)
         out.append(value)
     return out
+
+
+def penalty(value: Any, param: str) -> float:
+    """presence_penalty / frequency_penalty: [-2, 2]; None = 0 (off)."""
+    if value is None:
+        return 0.0
+    result = number(value, param)
+    if not -PENALTY_MAX <= result <= PENALTY_MAX:
+        fail(f"{param} must be in [-{PENALTY_MAX:g}, {PENALTY_MAX:g}], got {result}", param)
+    return result
+
+
+def repetition_penalty(value: Any) -> float:
+    """(0, REPETITION_PENALTY_MAX]; None = 1 (off)."""
+    if value is None:
+        return 1.0
+    result = number(value, "repetition_penalty")
+    if not 0.0 < result <= REPETITION_PENALTY_MAX:
+        fail(f"repetition_penalty must be in (0, {REPETITION_PENALTY_MAX:g}], got {result}", "repetition_penalty")
+    return result
+
+
+def logit_bias(value: Any, vocab: int, max_entries: int) -> tuple[tuple[int, float], ...]:
+    """{token id (int or its decimal string): bias in [-100, 100]}, at most ``max_entries``;
+    returned sorted by token id."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        fail(f"logit_bias must be an object mapping token ids to numbers, got {type(value).__name__}", "logit_bias")
+    if len(value) > max_entries:
+        fail(f"logit_bias has {len(value)} entries; the limit is {max_entries} (--max-logit-bias)", "logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        token = key
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit() and key.strip() == key and len(key) <= 12:
+            token = int(key)
+        if type(token) is not int or not 0 <= token < vocab:
+            fail(f"logit_bias key {short(key)} is not a token id in the vocabulary [0, {vocab})", "logit_bias")
+        amount = number(bias, "logit_bias")
+        if not -LOGIT_BIAS_MAX <= amount <= LOGIT_BIAS_MAX:
+            fail(f"logit_bias[{token}] must be in [-{LOGIT_BIAS_MAX:g}, {LOGIT_BIAS_MAX:g}], got {amount}", "logit_bias")
+        if token in out:
+            fail(f"logit_bias names token {token} twice", "logit_bias")
+        out[token] = amount
+    return tuple(sorted(out.items()))

@@ -1,6 +1,7 @@
-"""The independent reference for serving correctness: peft's PeftModel with ONE adapter, greedy,
-recomputing the whole sequence at every step (no KV cache, no batching), plus random adapters
-that visibly change the model."""
+"""The independent reference for serving correctness: peft's PeftModel with ONE adapter (or
+peft's own weighted mix, ``add_weighted_adapter(combination_type="cat")``), greedy, recomputing
+the whole sequence at every step (no KV cache, no batching); its teacher-forced logits for
+logprob checks; plus random adapters that visibly change the model."""
 
 from __future__ import annotations
 
@@ -44,16 +45,26 @@ def reference_greedy(base_dir, adapter_dir, prompt_ids, n=12, quantization_confi
 
 
 class Collector:
-    """An engine request's ``emit``: collects tokens and the finish reason."""
+    """An engine request's ``emit``: collects tokens (and their logprobs), the finish reason, and
+    how many finishes were emitted (exactly one is the contract)."""
 
     def __init__(self):
-        self.tokens, self.finish = [], None
+        self.tokens, self.finish, self.logprobs, self.finishes = [], None, [], 0
+        self.prompt_logprobs = None  # set by on_prompt_logprobs
+        self.prompt_calls = 0
 
-    def __call__(self, token, finish):
+    def __call__(self, token, finish, logprob=None):
         if token is not None:
             self.tokens.append(token)
+            self.logprobs.append(logprob)
         if finish is not None:
             self.finish = finish
+            self.finishes += 1
+
+    def on_prompt_logprobs(self, logprobs):
+        assert not self.tokens, "prompt logprobs must come before the first token"
+        self.prompt_logprobs = logprobs
+        self.prompt_calls += 1
 
 
 def greedy_request(request_id, prompt, adapter, n):
@@ -76,6 +87,31 @@ def cached_oracle(base_dir, adapters: dict, n_default: int):
         return cache[key]
 
     return expected
+
+
+def reference_mix_model(base_dir, adapters: dict, weights: dict, *, dtype=None):
+    """peft's own weighted mix: ``add_weighted_adapter(combination_type="cat")`` over the given
+    adapter folders (name -> folder) with ``weights`` (name -> weight), at ``dtype``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    names = list(adapters)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype or torch.float32)
+    model = PeftModel.from_pretrained(model, str(adapters[names[0]]), adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(str(adapters[name]), adapter_name=name)
+    model.add_weighted_adapter(names, [weights[n] for n in names], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    return model.eval()
+
+
+def greedy_with(model, prompt_ids, n):
+    """Greedy continuation of ``prompt_ids`` by ``model``, recomputing the whole sequence per token."""
+    ids = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(torch.argmax(model(input_ids=torch.tensor([ids])).logits[0, -1])))
+    return ids[len(prompt_ids):]
 
 
 def reference_logits(base_dir, adapter_dir, ids, *, dtype=None):

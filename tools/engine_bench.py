@@ -7,7 +7,13 @@ of new requests arriving while others decode.
 
 Adapters are random rank-r LoRA weights on every projection of every layer (what a served
 adapter costs); prompts are random token ids; generation is greedy with EOS ignored, so every
-request produces exactly its ``max_tokens``. Prints one JSON line per phase.
+request produces exactly its ``max_tokens``. Prints one JSON line per phase, with the fraction of
+this machine's ceilings measured at the start of the run (server/bench_ceilings.py: GEMM GFLOP/s
+at the dtype, memory read GB/s), and a ``memory`` line: RSS growth per resident adapter against
+the adapter's peft file size (fp32 safetensors).
+
+    .venv/bin/python tools/engine_bench.py --dtype bfloat16 --profile single     # torch.profiler table
+    .venv/bin/python tools/engine_bench.py --dtype bfloat16 --ab packed --repeat 3  # A/B in one process
 """
 
 from __future__ import annotations
@@ -48,6 +54,19 @@ def random_adapter(model, rank: int, seed: int) -> dict[str, _Weights]:
     return modules
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def adapter_file_mib(modules: dict) -> float:
+    """What the adapter's peft file holds: its A/B tensors in fp32 (safetensors header aside)."""
+    return sum((w.a.numel() + w.b.numel()) * 4 for w in modules.values()) / 2**20
+
+
 def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_module: str = "loraplex.server.engine.engine"):
     import importlib
 
@@ -56,6 +75,7 @@ def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_mod
     engine_mod = importlib.import_module(engine_module)
 
     ref = resolve_base("embedded")
+    build_engine.config_path = ref.path / "config.json"
     try:
         model = load_base_model(ref, device="cpu", dtype=dtype)
     except TypeError:  # the engine before --dtype: fp32 only
@@ -67,11 +87,20 @@ def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_mod
     return model, engine
 
 
-def install(engine, model, n: int, rank: int) -> list[str]:
+def install(engine, model, n: int, rank: int, memory: dict | None = None) -> list[str]:
+    """Install ``n`` random adapters; ``memory`` gets the RSS after the first and after all
+    (the growth per adapter excludes first-use allocations) and the adapter file size."""
+    import gc
+
     names = []
+    if memory is not None:
+        gc.collect()
+        memory["rss_before_mib"] = round(_rss_mib(), 1)
     for i in range(n):
         name = f"ad{i}"
         modules = random_adapter(model, rank, seed=100 + i)
+        if memory is not None:
+            memory["adapter_file_mib"] = round(adapter_file_mib(modules), 2)
         if hasattr(engine, "try_add_adapter_in_place") and hasattr(engine, "admit"):
             from loraplex.server.engine.engine import TorchAdapterPayload
 
@@ -79,6 +108,21 @@ def install(engine, model, n: int, rank: int) -> list[str]:
         else:
             engine.add_adapter(name, modules)
         names.append(name)
+        del modules
+        if memory is not None and i in (0, n - 1):
+            gc.collect()
+            memory[f"rss_after_{i + 1}_mib"] = round(_rss_mib(), 1)
+    if memory is not None and n > 1:
+        # loraplex bench's figure: from 1 to n adapters (LoRA rows come in blocks of several
+        # adapters, so this can read ~0 while the first block covers all n) ...
+        growth = (memory[f"rss_after_{n}_mib"] - memory["rss_after_1_mib"]) / (n - 1)
+        memory["rss_growth_per_adapter_mib"] = round(growth, 2)
+        memory["rss_growth_over_file_size"] = round(growth / memory["adapter_file_mib"], 3)
+        # ... and from none to n, which counts the first block too
+        growth0 = (memory[f"rss_after_{n}_mib"] - memory["rss_before_mib"]) / n
+        memory["rss_growth_from_0_per_adapter_mib"] = round(growth0, 2)
+        memory["rss_growth_from_0_over_file_size"] = round(growth0 / memory["adapter_file_mib"], 3)
+        memory["lora_bytes_per_adapter_mib"] = round(getattr(engine, "lora_bytes", 0) / n / 2**20, 2)
     return names
 
 
@@ -138,6 +182,7 @@ def request(rid: str, prompt_len: int, adapter, max_tokens: int, seed: int):
 def phase_mixed(engine, names, concurrency, prompt_len, out_tokens, base_only=False) -> dict:
     driver = Driver(engine)
     sinks = []
+    cpu = time.process_time()
     start = time.perf_counter()
     for i in range(concurrency):
         req, sink = request(f"m{i}", prompt_len, None if base_only else names[i % len(names)], out_tokens, seed=i)
@@ -147,18 +192,25 @@ def phase_mixed(engine, names, concurrency, prompt_len, out_tokens, base_only=Fa
     while driver.busy():
         driver.step()
     elapsed = time.perf_counter() - start
+    cpu = time.process_time() - cpu
     tokens = sum(len(s.times) for s in sinks)
-    return {"tok_s": round(tokens / elapsed, 1), "tokens": tokens, "seconds": round(elapsed, 2)}
+    # tokens per CPU-second of this process: steadier than tok/s on a shared machine (A/B with --threads 1)
+    return {"tok_s": round(tokens / elapsed, 1), "tokens": tokens, "seconds": round(elapsed, 2), "tok_per_cpu_s": round(tokens / max(cpu, 1e-9), 1)}
 
 
 def phase_single(engine, names, prompt_len, out_tokens) -> dict:
     driver = Driver(engine)
     req, sink = request("s", prompt_len, names[0], out_tokens, seed=7)
     driver.submit(req)
+    driver.step()  # the prefill
+    while not sink.times:
+        driver.step()
+    cpu = time.process_time()
     while driver.busy():
         driver.step()
+    cpu = time.process_time() - cpu
     decode = (sink.times[-1] - sink.times[0]) / max(1, len(sink.times) - 1)
-    return {"tok_s": round(1.0 / decode, 1), "ttft_ms": round((sink.times[0] - sink.t0) * 1000, 1)}
+    return {"tok_s": round(1.0 / decode, 1), "ttft_ms": round((sink.times[0] - sink.t0) * 1000, 1), "tok_per_cpu_s": round((len(sink.times) - 1) / max(cpu, 1e-9), 1)}
 
 
 def phase_burst(engine, names, running, burst, prompt_len, out_tokens) -> dict:
@@ -192,6 +244,61 @@ def phase_burst(engine, names, running, burst, prompt_len, out_tokens) -> dict:
     }
 
 
+def run_phase(phase: str, engine, names, args) -> dict:
+    if phase == "mixed":
+        return phase_mixed(engine, names, args.concurrency, args.prompt_len, args.out_tokens)
+    if phase == "base":
+        return phase_mixed(engine, names, args.concurrency, args.prompt_len, args.out_tokens, base_only=True)
+    if phase == "single":
+        return phase_single(engine, names, args.prompt_len, 2 * args.out_tokens)
+    if phase == "burst":
+        return phase_burst(engine, names, 32, 32, args.prompt_len, args.out_tokens)
+    raise SystemExit(f"unknown phase {phase!r}")
+
+
+def with_fractions(phase: str, result: dict, args, ceilings: dict | None) -> dict:
+    if not ceilings or "tok_s" not in result:
+        return result
+    from loraplex.server.bench_ceilings import fractions, model_cost
+
+    cost = model_cost(build_engine.config_path)
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    return {**result, **fractions(result["tok_s"], ceilings=ceilings, cost=cost, dtype=dtype, single_stream=phase == "single")}
+
+
+def profile_phase(phase: str, engine, names, args) -> None:
+    """A torch.profiler table of a few steps in the middle of ``phase`` (single or mixed)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    driver = Driver(engine)
+    n = 1 if phase == "single" else args.concurrency
+    for i in range(n):
+        adapter = None if phase == "base" else names[i % len(names)]
+        req, _ = request(f"p{i}", args.prompt_len, adapter, args.out_tokens, seed=i)
+        driver.submit(req)
+    for _ in range(4):  # prompts prefilled, every row decoding
+        driver.step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(args.profile_steps):
+            driver.step()
+    for r in list(getattr(engine, "running", [])):
+        r.request.cancelled = True
+    while driver.busy():
+        driver.step()
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=70))
+
+
+#: --ab switches: name -> (label of A, label of B, a function that sets the switch)
+def _ab_switches() -> dict:
+    from loraplex.server.engine import lora
+
+    small = lora.SMALL_M_FP32
+    return {
+        "packed": ("packed", "plain", lambda on: lora.PACKED_LINEARS.__setitem__("enabled", on)),
+        "small_fp32": ("small_fp32", "bf16_lora", lambda on: setattr(lora, "SMALL_M_FP32", small if on else 0)),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"])
@@ -204,27 +311,41 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=0, help="max_num_batched_tokens (0 = engine default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
+    p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
+    p.add_argument("--profile-steps", type=int, default=8)
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: packed, small_fp32)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    ceilings = None
+    if not args.no_ceilings and not args.profile:
+        from loraplex.server.bench_ceilings import measure_ceilings
+
+        ceilings = measure_ceilings()
+        print(json.dumps({"ceilings": ceilings}), flush=True)
     model, engine = build_engine(args.dtype, max(args.concurrency, 64), args.budget, args.engine_module)
-    names = install(engine, model, args.adapters, args.rank)
-    phases = args.phases.split(",")
+    memory: dict = {}
+    names = install(engine, model, args.adapters, args.rank, memory)
+    print(json.dumps({"memory": memory, "dtype": args.dtype}), flush=True)
     phase_mixed(engine, names, 4, args.prompt_len, 4)  # warm-up
+    if args.profile:
+        profile_phase(args.profile, engine, names, args)
+        return
+    phases = args.phases.split(",")
+    variants: list[tuple[str, object]] = [("", None)]
+    if args.ab:
+        label_a, label_b, switch = _ab_switches()[args.ab]
+        variants = [(label_a, lambda: switch(True)), (label_b, lambda: switch(False))]
     for _ in range(args.repeat):
         for phase in phases:
-            if phase == "mixed":
-                result = phase_mixed(engine, names, args.concurrency, args.prompt_len, args.out_tokens)
-            elif phase == "base":
-                result = phase_mixed(engine, names, args.concurrency, args.prompt_len, args.out_tokens, base_only=True)
-            elif phase == "single":
-                result = phase_single(engine, names, args.prompt_len, 2 * args.out_tokens)
-            elif phase == "burst":
-                result = phase_burst(engine, names, 32, 32, args.prompt_len, args.out_tokens)
-            else:
-                raise SystemExit(f"unknown phase {phase!r}")
-            print(json.dumps({"phase": phase, "dtype": args.dtype, "threads": torch.get_num_threads(), **result}), flush=True)
+            for label, apply in variants:
+                if apply is not None:
+                    apply()
+                result = with_fractions(phase, run_phase(phase, engine, names, args), args, ceilings)
+                extra = {"variant": label} if label else {}
+                print(json.dumps({"phase": phase, "dtype": args.dtype, "threads": torch.get_num_threads(), **extra, **result}), flush=True)
 
 
 if __name__ == "__main__":

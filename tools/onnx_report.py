@@ -63,18 +63,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(REPO / "docs" / "onnx" / "report.json"))
     parser.add_argument("--builder-option", action="append", default=[], help="for the int4 export (see loraplex export-onnx --help)")
     parser.add_argument("--agreement-only", action="store_true", help="recompute only the agreement section of an existing --output")
+    parser.add_argument("--aware-adapters", default="", help="a folder of the same adapters trained with train-adapter --quantization_aware onnx-int4 "
+                        "(same names); each is reported beside its plain-trained one as NAME-int4aware")
     args = parser.parse_args(argv)
     names = [n for n in args.adapters.split(",") if n]
+    sources = {n: REPO / "adapters" / n for n in names}
+    if args.aware_adapters:
+        for n in list(names):
+            aware = Path(args.aware_adapters) / n
+            if aware.is_dir():
+                sources[f"{n}-int4aware"] = aware
+        names = list(sources)
 
     ref = resolve_base("embedded")
     tokenizer = load_tokenizer(ref)
     work = Path(tempfile.mkdtemp(prefix="loraplex-onnx-report-"))
-    paths = tuple(REPO / "adapters" / n for n in names)
+    paths = tuple(sources[n] for n in names)
     exports = {}
     for precision in ("fp32", "int4"):
         t0 = time.perf_counter()
         options = tuple(args.builder_option) if precision == "int4" else ()
-        export_onnx(ExportConfig(output_path=work / precision, adapter_paths=paths, precision=precision, builder_options=options), say=lambda line: print(line, file=sys.stderr))
+        export_onnx(ExportConfig(output_path=work / precision, adapter_paths=paths, adapter_names=tuple(names), precision=precision, builder_options=options), say=lambda line: print(line, file=sys.stderr))
         exports[precision] = (work / precision, round(time.perf_counter() - t0, 1))
     models = {}
     for precision, (folder, _) in exports.items():
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         report = {**json.loads(Path(args.output).read_text()), "agreement_int4_vs_fp32": {}}
     agreement_prompts: dict[str, list[list[int]]] = {}
     for n in names:
-        train_report = json.loads((REPO / "adapters" / n / "training_report.json").read_text())
+        train_report = json.loads((sources[n] / "training_report.json").read_text())
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in train_report["config"].items() if k in fields})
         records = load_records([REPO / f for f in cfg.data_files.split(",")])
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(n, report["accuracy"][n], file=sys.stderr)
 
     # each adapter on its own task's held-out prompts; the bare base on all of them
-    everything = [p for n in names for p in agreement_prompts[n]]
+    everything = [p for n in names if not n.endswith("-int4aware") for p in agreement_prompts[n]]
     for n in [None, *names]:
         prompts_n = agreement_prompts[n] if n else everything
         full, prefix, positions, total, answers = 0, [], 0, 0, 0

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--modes", default="fp32,autocast,bf16-weights")
     args = parser.parse_args(argv)
+    from loraplex.training.cli import quiet_libraries
 
+    quiet_libraries()
     import torch
     from peft import LoraConfig, get_peft_model
 

@@ -8,9 +8,16 @@ import os
 import sys
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
+    """Third-party noise off for our command lines (training may not import server.logs): log
+    levels of transformers/datasets/bitsandbytes to errors, and two narrow warnings that say
+    nothing to a user (peft asking the Hub about a local base; a transformers rename peft calls)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Unable to fetch remote file due to the following error", category=UserWarning, module=r"peft\.utils\.other")
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
@@ -34,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     except LoraplexError as exc:
         print(f"train-adapter: error: {exc}", file=sys.stderr)
         return 2
-    _quiet_libraries()
+    quiet_libraries()
     from rich.console import Console
 
     from loraplex.training.report import summary_table, verdict_lines

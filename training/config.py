@@ -18,6 +18,7 @@ import yaml
 
 from loraplex.server.errors import RequestInvalid
 from loraplex.server.store import validate_adapter_name
+from loraplex.training.quantization import QUANTIZATION_AWARE
 
 METHODS = ("lora", "qlora")
 #: ``rouge`` expands to the four ROUGE F-scores; ``loss`` and ``perplexity`` need no generation.
@@ -91,6 +92,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "Decoupled weight decay of the optimizer.")
     optim: str = _f("adamw_torch", "Optimizer (a transformers TrainingArguments.optim name).", choices=OPTIMIZERS)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).")
+    quantization_aware: str = _f("none", "Train against the base weights a quantized export serves, so the adapter learns around their rounding error: onnx-int4 = the int4 ONNX export's block-wise 4-bit weights (loraplex export-onnx, default options), dequantized into the torch base. Base and adapter are scored on those weights too. Not with --method qlora.", choices=QUANTIZATION_AWARE)
     bf16: str = _f("false", "bfloat16 autocast training: auto (on where the CPU has AMX or AVX512-BF16, or on CUDA), true, false. Weights and optimizer state stay fp32; evaluation runs in fp32. Default false until a speed-up is measured on CPU (docs/training.md).", choices=BF16)
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule.", choices=SCHEDULERS)
     warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up the learning rate.")
@@ -188,12 +190,14 @@ class TrainConfig:
             )
         if self.data_config and not self.data_name:
             raise TrainInputError("--data_config selects a subset of --data_name; give --data_name too", param="data_config")
-        choice_fields = ("method", "report_to", "lr_scheduler_type", "data_format", "bf16", "init_lora_weights", "optim")
+        choice_fields = ("method", "report_to", "lr_scheduler_type", "data_format", "bf16", "init_lora_weights", "optim", "quantization_aware")
         for name in choice_fields:
             value = getattr(self, name)
             choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
             if value not in choices:
                 raise TrainInputError(f"--{name} {value!r} is not one of {', '.join(choices)}", param=name)
+        if self.quantization_aware != "none" and self.method == "qlora":
+            raise TrainInputError(f"--quantization_aware {self.quantization_aware} replaces the base weights by their int4 round trip; it needs --method lora (qlora holds an nf4 base)", param="quantization_aware")
         if not self.metric_list:
             raise TrainInputError("--metric is empty; give names like accuracy,rougeL", param="metric")
         unknown_metrics = [m for m in self.metric_list if m not in METRICS]

@@ -89,7 +89,35 @@ def _load_file(path: Path) -> list[dict[str, Any]]:
     except Exception as exc:  # datasets wraps parse errors in its own types
         cause = exc.__cause__ or exc
         raise TrainInputError(problem or f"data file {path}: {builder} reader failed ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})", param="data_files") from exc
+    if builder == "json" and _has_temporal(dataset.features):
+        # pyarrow's JSON reader turns date-like strings ("1983-02-12") into timestamps, and no
+        # option of the datasets builder stops it; JSON has no date type, so read the text as is
+        return _python_json_records(path)
     return _as_records(dataset, str(path))
+
+
+def _has_temporal(features) -> bool:
+    """Any date/time type anywhere in a datasets ``Features`` (nested lists and dicts included)."""
+    import pyarrow as pa
+
+    def walk(t) -> bool:
+        if pa.types.is_temporal(t):
+            return True
+        if pa.types.is_struct(t):
+            return any(walk(t.field(i).type) for i in range(t.num_fields))
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return walk(t.value_type)
+        return False
+
+    return any(walk(field.type) for field in features.arrow_schema)
+
+
+def _python_json_records(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".jsonl":
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    data = json.loads(text)
+    return data if isinstance(data, list) else [data]
 
 
 def _load_saved(folder: Path) -> Splits:

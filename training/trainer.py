@@ -35,6 +35,7 @@ from loraplex.training.data import (
 )
 from loraplex.training.evaluation import GENERATION_METRICS, Verdict, chance_level, generate_greedy, judge, perplexity
 from loraplex.training.precision import use_bf16
+from loraplex.training.quantization import INT4_BLOCK_SIZE, apply_onnx_int4_weights
 from loraplex.training.progress import LossProgressBar, ThroughputMeter, peak_memory_mb
 from loraplex.training.report import plot_losses, write_report
 
@@ -286,14 +287,20 @@ class LoadedBase:
     model: Any
     bf16: bool
     bf16_reason: str
+    quantization_aware: str = "none"
+    quantized_modules: int = 0
 
 
 def load_base(cfg: TrainConfig) -> LoadedBase:
     ref = resolve_base(cfg.model_name_or_path)
     tokenizer = load_tokenizer(ref)
     model = load_base_model(ref, quantize="nf4" if cfg.method == "qlora" else "none")
+    quantized = 0
+    if cfg.quantization_aware == "onnx-int4":
+        # the weights the int4 ONNX export serves, dequantized: training and both scores see them
+        quantized = len(apply_onnx_int4_weights(model))
     bf16, reason = use_bf16(cfg.bf16)
-    return LoadedBase(ref, tokenizer, model, bf16, reason)
+    return LoadedBase(ref, tokenizer, model, bf16, reason, cfg.quantization_aware, quantized)
 
 
 def _lora_config(cfg: TrainConfig, targets: list[str]):
@@ -374,7 +381,7 @@ def train_one(
         # peft converts a PiSSA/OLoRA adapter back to plain LoRA on the original base from its initial state
         initial_dir = cfg.resolved_checkpoint_dir / "initial-adapter"
         peft_model.peft_config["default"].init_lora_weights = True
-        peft_model.save_pretrained(str(initial_dir), safe_serialization=True)
+        peft_model.save_pretrained(str(initial_dir), safe_serialization=True, save_embedding_layers=False)
         peft_model.peft_config["default"].init_lora_weights = cfg.init_lora_weights
 
     samples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
@@ -492,6 +499,11 @@ def _publish(cfg, base: LoadedBase, peft_model, targets, result, fmt, train_ds, 
                 "throughput": result.throughput,
                 "memory": result.memory,
                 "packing": cfg.packing,
+                "quantization_aware": {
+                    "target": base.quantization_aware,
+                    "modules": base.quantized_modules,
+                    "block_size": INT4_BLOCK_SIZE if base.quantization_aware == "onnx-int4" else None,
+                },
                 "train_examples": len(train_ds),
                 "eval_examples": len(eval_ds),
                 "truncated_away": {"train": train_ds.dropped, "eval": eval_ds.dropped},
@@ -506,15 +518,15 @@ def _publish(cfg, base: LoadedBase, peft_model, targets, result, fmt, train_ds, 
         store.publish(staged, cfg.adapter_name, overwrite=cfg.overwrite)
 
 
-def _group_key(cfg: TrainConfig) -> tuple[str, str]:
-    return (cfg.model_name_or_path, cfg.method)
+def _group_key(cfg: TrainConfig) -> tuple[str, str, str]:
+    return (cfg.model_name_or_path, cfg.method, cfg.quantization_aware)
 
 
 def train_all(configs: list[TrainConfig]) -> list[TrainResult]:
     """Train every config; the base is loaded once per (base model, method) pair."""
     prepared = [preflight(cfg) for cfg in configs]
     results: list[TrainResult] = []
-    groups: dict[tuple[str, str], list[tuple[TrainConfig, PreparedData]]] = {}
+    groups: dict[tuple[str, str, str], list[tuple[TrainConfig, PreparedData]]] = {}
     for cfg, data in zip(configs, prepared):
         groups.setdefault(_group_key(cfg), []).append((cfg, data))
     for group in groups.values():

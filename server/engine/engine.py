@@ -8,6 +8,18 @@ stops the running streams. All of the step's tokens go through the model flatten
 each with its own position, KV slot (``kvcache.py``) and adapter slot (``lora.py``); logits are
 computed only for the rows that sample, and sampling is one batched pass (``sampling.py``).
 
+Per-request features (all of ``rows.ALL_FEATURES``):
+- prompt logprobs (echo): a row that asks keeps the logits of every position of its prefill
+  chunks (at most ``max_prompt_logprob_tokens`` positions per step, bounding the [P, vocab]
+  logits), turned into ``TokenLogprob``s and delivered once through ``on_prompt_logprobs``
+  before the first token; ``max_tokens == 0`` scores the prompt only.
+- forks (n > 1): the primary's row prefills the prompt once; each fork holds a row from
+  admission, waits, and when the prompt is complete gets a copy of its KV
+  (``KvCache.copy_prefix``) and samples from the same last-position logits with its own
+  generator, parameters and constraint. A primary cancelled while its forks wait keeps
+  prefilling for them (detached: it emits nothing more) and leaves once they have their copy.
+- weighted mixes: a row's tokens carry ``((slot, weight), ...)`` to ``LoraBatchContext``.
+
 Everything here runs on ONE thread (the scheduler's); only ``try_add_adapter_in_place`` may run
 on another. The engine knows token ids, never text: detokenization and stop strings belong to
 the service layer, which cancels a request when a stop string appears.
@@ -25,6 +37,7 @@ from loraplex.server.engine.kvcache import ATTENTION_NAME, KvCache, register_att
 from loraplex.server.engine.lora import LoraBatchContext, inject_multi_lora
 from loraplex.server.engine.protocol import EngineStats
 from loraplex.server.engine.rows import (  # noqa: F401  (re-exported: the scheduler and service import them from here)
+    ALL_FEATURES,
     FINISH_CANCELLED,
     FINISH_ERROR,
     FINISH_LENGTH,
@@ -32,6 +45,7 @@ from loraplex.server.engine.rows import (  # noqa: F401  (re-exported: the sched
     EngineRequest,
     RowEngine,
     Running,
+    TokenLogprob,
 )
 from loraplex.server.engine.sampling import make_generator
 from loraplex.server.engine.slots import LoraSlots
@@ -62,16 +76,29 @@ def _check_payload(payload) -> TorchAdapterPayload:
 
 @dataclass
 class _Row(Running):
-    """A sequence in the engine: prefilling while ``prefilled < len(prompt)``, then decoding."""
+    """A sequence in the engine: prefilling while ``prefilled < len(prompt)``, then decoding; a
+    fork waits (``source`` set) until its primary's prompt is in the cache."""
 
     kv_slot: int = -1
-    lora_slot: int = 0
+    lora_slot: object = 0  # an adapter slot (0 = base) or a mix ((slot, weight), ...)
     prefilled: int = 0
-    output_ids: list[int] = field(default_factory=list)
+    source: "_Row | None" = None  # a fork: the primary row whose prompt it waits for
+    forks: list = field(default_factory=list)  # a primary: its fork rows (waiting until the copy)
+    detached: bool = False  # a cancelled primary still prefilling for its forks (emits nothing)
+    left: bool = False  # no longer in the batch
+    prompt_lp_k: int | None = None  # the prompt's logprobs are collected (top k) for the group
+    prompt_lps: list = field(default_factory=list)
 
     @property
     def decoding(self) -> bool:
-        return self.prefilled >= len(self.request.prompt_ids)
+        return self.source is None and self.prefilled >= len(self.request.prompt_ids)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.source is None and self.prefilled < len(self.request.prompt_ids)
+
+    def live_forks(self) -> list["_Row"]:
+        return [f for f in self.forks if not f.left and not f.request.cancelled]
 
 
 def resolve_lora_dtype(model) -> torch.dtype:
@@ -84,6 +111,7 @@ class Engine(RowEngine):
     """One base model, many adapters, one running batch (torch, CPU or CUDA)."""
 
     payload_kind = "torch"
+    features = ALL_FEATURES
 
     def __init__(
         self,
@@ -94,6 +122,7 @@ class Engine(RowEngine):
         max_model_len: int = 2048,
         device: str = "cpu",
         max_num_batched_tokens: int = 512,
+        max_prompt_logprob_tokens: int = 128,
     ) -> None:
         super().__init__(eos_token_ids=eos_token_ids, max_batch_size=max_batch_size, max_model_len=max_model_len)
         if max_num_batched_tokens < 1:
@@ -101,6 +130,10 @@ class Engine(RowEngine):
         self.model = model
         self.device = torch.device(device)
         self.max_num_batched_tokens = max_num_batched_tokens
+        # prompt positions whose logits a step keeps for prompt logprobs: [P, vocab] logits at
+        # the model's dtype plus an fp32 log_softmax (49152 wide: 128 positions ~ 25 MB fp32)
+        self.max_prompt_logprob_tokens = max(1, max_prompt_logprob_tokens)
+        self.tokens_forwarded = 0  # every token through the model (tests count prefill work)
         self.dtype = resolve_lora_dtype(model)
         self.context = LoraBatchContext()
         self.layers = inject_multi_lora(model, self.context, dtype=self.dtype, device=self.device)
@@ -171,8 +204,8 @@ class Engine(RowEngine):
     def num_running(self) -> int:
         return len(self.running)
 
-    def has_capacity(self) -> bool:
-        return len(self.running) < self.max_batch_size
+    def has_capacity(self, rows: int = 1) -> bool:
+        return len(self.running) + rows <= self.max_batch_size
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -188,29 +221,49 @@ class Engine(RowEngine):
 
     # ----------------------------------------------------------------- steps
     def admit(self, request: EngineRequest) -> None:
-        """Take a request; its prompt is prefilled within the next steps' token budget. Raises
-        (nothing admitted) for an empty or too long prompt, an unknown adapter, or no free row."""
+        """Take a request (and its forks); its prompt is prefilled within the next steps' token
+        budget. Raises (nothing admitted) for an empty or too long prompt, an unknown adapter,
+        a feature refused by ``check_request``, or too few free rows."""
+        self.check_request(request)
         n = len(request.prompt_ids)
         if n == 0:
             raise ValueError(f"request {request.request_id}: empty prompt")
         if n >= self.max_model_len:
             raise ValueError(f"request {request.request_id}: prompt of {n} tokens leaves no room under max_model_len {self.max_model_len}")
-        if not self.has_capacity():
-            raise RuntimeError(f"engine full: {self.max_batch_size} sequences running (max_batch_size)")
-        lora_slot = self.slot_table.slot_of(request.adapter)  # KeyError: not resident
-        row = _Row(
+        if not self.has_capacity(request.rows):
+            raise RuntimeError(f"engine full: {len(self.running)} of {self.max_batch_size} rows in use (max_batch_size), {request.rows} needed")
+        if request.mix:
+            lora_slot: object = tuple((self.slot_table.slot_of(name), float(weight)) for name, weight in request.mix)  # KeyError: not resident
+        else:
+            lora_slot = self.slot_table.slot_of(request.adapter)  # KeyError: not resident
+        slots: list[int] = []
+        try:
+            for _ in range(request.rows):
+                slots.append(self.kv.allocate())
+        except Exception:
+            for slot in slots:
+                self.kv.release(slot)
+            raise
+        group = (request, *request.forks)
+        wanted = [r.prompt_logprobs for r in group if r.prompt_logprobs is not None]
+        primary = _Row(
             request=request,
             generator=make_generator(request.params),
             stop_ids=self.stop_ids_for(request.params),
-            kv_slot=self.kv.allocate(),
+            kv_slot=slots[0],
             lora_slot=lora_slot,
+            prompt_lp_k=max(wanted) if wanted else None,
         )
-        self._join(row)
+        for fork, slot in zip(request.forks, slots[1:]):
+            primary.forks.append(_Row(request=fork, generator=make_generator(fork.params), stop_ids=self.stop_ids_for(fork.params), kv_slot=slot, lora_slot=lora_slot, source=primary))
+        self._join(primary)
+        for row in primary.forks:
+            self._join(row)
 
     def prefill(self, request: EngineRequest) -> None:
         """Admit and step until the request's prompt is in the cache (tests and tools)."""
         self.admit(request)
-        row = self.running[-1]
+        row = next(r for r in self.running if r.request is request)
         while row in self.running and not row.decoding:
             self.step()
 
@@ -221,14 +274,19 @@ class Engine(RowEngine):
     def _plan_step(self) -> tuple[list[_Row], list[tuple[_Row, int]]]:
         decode = [r for r in self.running if r.decoding]
         budget = max(0, self.max_num_batched_tokens - len(decode))
+        logprob_budget = self.max_prompt_logprob_tokens
         chunks: list[tuple[_Row, int]] = []
         for row in self.running:
             if budget == 0:
                 break
-            if not row.decoding:
+            if row.prefilling:
                 n = min(budget, len(row.request.prompt_ids) - row.prefilled)
-                chunks.append((row, n))
-                budget -= n
+                if row.prompt_lp_k is not None:
+                    n = min(n, logprob_budget)
+                    logprob_budget -= n
+                if n:
+                    chunks.append((row, n))
+                    budget -= n
         return decode, chunks
 
     @torch.inference_mode()
@@ -236,28 +294,34 @@ class Engine(RowEngine):
         """One forward: a token for every decoding row plus prompt chunks within the budget."""
         self._drop_cancelled()
         self.steps += 1
-        if not self.running:
+        if not any(r.source is None for r in self.running):
             return
         decode, chunks = self._plan_step()
         token_ids: list[int] = [r.last_token for r in decode]
-        lora_slots: list[int] = [r.lora_slot for r in decode]
+        lora_slots: list = [r.lora_slot for r in decode]
         for row, n in chunks:
             token_ids.extend(row.request.prompt_ids[row.prefilled : row.prefilled + n])
             lora_slots.extend([row.lora_slot] * n)
         plan = self.kv.plan([r.kv_slot for r in decode], [(row.kv_slot, row.prefilled, n) for row, n in chunks])
         self.context.set_token_slots(lora_slots, self.device)
-        # rows that sample this step: every decoding row, and rows whose prompt ends in this chunk
-        samplers: list[_Row] = list(decode)
+        # logits kept: one per decoding row, every position of chunks collecting prompt
+        # logprobs, the last position of the others' final chunk
         keep_index: list[int] = list(range(len(decode)))
+        chunk_keep: list[tuple[_Row, int, int, int]] = []  # (row, chunk start position, first kept logit, kept count)
         for chunk, (row, n) in zip(plan.chunks, chunks):
+            start = row.prefilled
             row.prefilled += n
             row.length = row.prefilled
-            if row.decoding:
-                samplers.append(row)
+            if row.prompt_lp_k is not None:
+                chunk_keep.append((row, start, len(keep_index), n))
+                keep_index.extend(range(chunk.token_start, chunk.token_start + n))
+            elif row.decoding:
+                chunk_keep.append((row, start, len(keep_index), 1))
                 keep_index.append(chunk.token_start + n - 1)
         for row in decode:
             row.length += 1
         ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, N]
+        self.tokens_forwarded += len(token_ids)
         out = self.model(
             input_ids=ids,
             position_ids=plan.token_pos[None],  # [1, N]
@@ -265,16 +329,60 @@ class Engine(RowEngine):
             loraplex_plan=plan,
             logits_to_keep=torch.tensor(keep_index, dtype=torch.long, device=self.device),
         )
-        if not samplers:
-            return
-        logits = out.logits[0]  # [R, vocab]
-        self._sample_and_accept(samplers, logits)
+        logits = out.logits[0]  # [K, vocab]
+        # rows that sample this step (with their logits row): every decoding row, and the rows
+        # (primaries and their forks) whose prompt ends in this chunk
+        samplers: list[_Row] = list(decode)
+        sample_index: list[int] = list(range(len(decode)))
+        leaving: set[int] = set()
+        for row, start, first, kept in chunk_keep:
+            if row.prompt_lp_k is not None:
+                usable = min(kept, len(row.request.prompt_ids) - 1 - start)  # the last position predicts a new token
+                if usable > 0:
+                    row.prompt_lps.extend(self._prompt_logprobs(row.request.prompt_ids, logits[first : first + usable], start, row.prompt_lp_k))
+            if not row.decoding:
+                continue
+            last = first + kept - 1
+            forks = row.live_forks()
+            if row.prompt_lp_k is not None:
+                prompt_lps = [None, *row.prompt_lps]
+                for member in ([] if row.detached else [row]) + forks:
+                    self._deliver_prompt_logprobs(member.request, _trim(prompt_lps, member.request.prompt_logprobs))
+                row.prompt_lps = []
+            for fork in forks:
+                self.kv.copy_prefix(row.kv_slot, fork.kv_slot, row.prefilled)
+                fork.source = None
+                fork.prefilled = fork.length = row.prefilled
+                samplers.append(fork)
+                sample_index.append(last)
+            row.forks = []
+            if row.detached:
+                leaving.add(id(row))
+            elif row.request.params.max_tokens == 0:  # scoring only: the prompt's logprobs were the answer
+                row.request.emit(None, FINISH_LENGTH)
+                leaving.add(id(row))
+            else:
+                samplers.append(row)
+                sample_index.append(last)
+        if leaving:
+            self._keep_rows([i for i, r in enumerate(self.running) if id(r) not in leaving])
+        if samplers:
+            if sample_index != list(range(logits.shape[0])):
+                logits = logits[torch.tensor(sample_index, dtype=torch.long, device=logits.device)]  # [R, vocab]
+            self._sample_and_accept(samplers, logits)
 
     def _drop_cancelled(self) -> None:
         keep = []
         for i, row in enumerate(self.running):
+            if row.detached:
+                if row.live_forks():
+                    keep.append(i)
+                continue
             if row.request.cancelled:
                 row.request.emit(None, row.request.cancel_reason)
+                if row.prefilling and row.live_forks():
+                    row.detached = True  # its forks still need the prompt it is prefilling
+                    keep.append(i)
             else:
                 keep.append(i)
         self._keep_rows(keep)
@@ -283,13 +391,30 @@ class Engine(RowEngine):
         if len(keep) == len(self.running):
             return
         kept = set(keep)
-        for i, row in enumerate(self.running):
-            if i not in kept:
-                self.kv.release(row.kv_slot)
+        removed = [row for i, row in enumerate(self.running) if i not in kept]
+        for row in removed:
+            self.kv.release(row.kv_slot)
+            row.left = True
         self.running = [self.running[i] for i in keep]
+        # a primary that left before its prompt was complete (not by cancellation: a cancelled
+        # primary stays, detached, for its forks): its waiting forks cannot start
+        orphans = [f for row in removed for f in row.forks if not f.left]
+        if orphans:
+            for fork in orphans:
+                fork.request.emit(None, fork.request.cancel_reason if fork.request.cancelled else FINISH_ERROR)
+            gone = {id(f) for f in orphans}
+            self._keep_rows([i for i, r in enumerate(self.running) if id(r) not in gone])
 
     def fail_all(self, reason: str = FINISH_ERROR) -> None:
         for row in self.running:
-            row.request.emit(None, reason)
+            row.left = True
+            if not row.detached:
+                row.request.emit(None, reason)
         self.running = []
         self.kv.release_all()
+
+
+def _trim(logprobs: list, k: int | None) -> list:
+    """The group's prompt logprobs with each entry's top list cut to ``k``."""
+    k = k or 0
+    return [lp if lp is None or len(lp.top) <= k else TokenLogprob(lp.token_id, lp.logprob, lp.top[:k]) for lp in logprobs]

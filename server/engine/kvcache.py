@@ -48,6 +48,7 @@ class StepPlan:
     decode_len: int  # ... and positions [0, decode_len)
     decode_mask: torch.Tensor | None  # [decode_rows, 1, 1, decode_len] bool
     chunks: list[_Chunk]
+    decode_in_order: bool = False  # decode tokens are rows 0..num_decode-1 in order: no scatter/gather
 
 
 class KvCache:
@@ -96,6 +97,25 @@ class KvCache:
     def release_all(self) -> None:
         for slot in list(self.used_slots):
             self.release(slot)
+
+    def copy_prefix(self, src_slot: int, dst_slot: int, length: int) -> None:
+        """Copy positions [0, length) of every layer's K/V from row ``src_slot`` into row
+        ``dst_slot`` (n > 1: the prompt is prefilled once and each fork starts from a copy). Both
+        slots must be allocated and ``src_slot`` must hold ``length`` positions; ``dst_slot`` then
+        holds exactly those ``length`` positions (its length is set to ``length``)."""
+        for slot in (src_slot, dst_slot):
+            if slot not in self.used_slots:
+                raise ValueError(f"KV slot {slot} is not allocated")
+        if not 0 <= length <= self.lengths[src_slot]:
+            raise ValueError(f"cannot copy {length} positions from KV slot {src_slot}, which holds {self.lengths[src_slot]}")
+        if src_slot == dst_slot:
+            return
+        if length:
+            self.reserve(dst_slot, length)
+            for store in (self.keys, self.values):
+                for buf in store:  # [rows, kv_heads, cap, d]
+                    buf[dst_slot, :, :length].copy_(buf[src_slot, :, :length])
+        self.lengths[dst_slot] = length
 
     def reserve(self, slot: int, length: int) -> None:
         """Make room for ``length`` positions in ``slot`` (grows the buffers by doubling)."""
@@ -168,6 +188,7 @@ class KvCache:
             decode_len=decode_len,
             decode_mask=decode_mask,
             chunks=planned,
+            decode_in_order=decode == list(range(len(decode))),
         )
 
     def attend(self, layer: int, plan: StepPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -182,9 +203,12 @@ class KvCache:
         nd = plan.num_decode
         if nd:
             heads, _, d = q.shape
-            q_dec = q[:, :nd].transpose(0, 1)  # [nd, heads, d]
-            q_rows = q.new_zeros(plan.decode_rows, heads, 1, d)
-            q_rows.index_copy_(0, plan.decode_slots, q_dec[:, :, None, :])
+            q_dec = q[:, :nd].transpose(0, 1)[:, :, None, :]  # [nd, heads, 1, d]
+            if plan.decode_in_order:  # rows 0..nd-1 decode, in order (every row, or one stream)
+                q_rows = q_dec
+            else:
+                q_rows = q.new_zeros(plan.decode_rows, heads, 1, d)
+                q_rows.index_copy_(0, plan.decode_slots, q_dec)
             out = F.scaled_dot_product_attention(
                 q_rows,
                 k_buf[: plan.decode_rows, :, : plan.decode_len],
@@ -193,7 +217,7 @@ class KvCache:
                 scale=scaling,
                 enable_gqa=True,
             )  # [rows, heads, 1, d]
-            parts.append(out.index_select(0, plan.decode_slots)[:, :, 0])  # [nd, heads, d]
+            parts.append((out if plan.decode_in_order else out.index_select(0, plan.decode_slots))[:, :, 0])  # [nd, heads, d]
         for chunk in plan.chunks:
             end = chunk.start_pos + chunk.n
             out = F.scaled_dot_product_attention(

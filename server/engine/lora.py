@@ -1,4 +1,4 @@
-"""Mixed-adapter LoRA in one forward pass, with an adapter slot per token.
+"""Mixed-adapter LoRA in one forward pass, with an adapter slot (or a weighted mix) per token.
 
 Every targeted Linear of the base (plain ``nn.Linear`` or a bitsandbytes ``Linear4bit`` /
 ``Linear8bitLt``) is wrapped by :class:`MultiLoraLinear`. A step's tokens arrive flattened
@@ -6,63 +6,175 @@ Every targeted Linear of the base (plain ``nn.Linear`` or a bitsandbytes ``Linea
 carries the slot of its sequence's adapter (slot 0 = the bare base), set once per step on the
 shared :class:`LoraBatchContext`. Each layer computes
 
-    y = base(x) + ((x @ A_used) * onehot(token slot)) @ B_used
+    y = base(x) + ((x @ A_rows^T) * mask) @ B_rows
 
-where ``A_used [in, R]`` / ``B_used [R, out]`` concatenate the adapters of the slots in use this
-step (that this layer targets; scale folded into B) and the one-hot mask keeps, for each token,
-only its own adapter's rank columns: two GEMMs and one multiply per layer whatever the mix, the
-segmented-gather idea (SGMV) in dense form. One adapter for every token skips the mask; no
-adapter skips LoRA entirely. The concatenation is cached until the set of slots in use changes.
+where ``A_rows [R, in]`` / ``B_rows [R, out]`` are the layer's stored rank rows of the slots in
+use this step (scale folded into B), read in place, and ``mask [N, R]`` holds for each token
+the weight of the slot owning each row (1 for its own adapter, 0 elsewhere): two GEMMs and one
+multiply per layer whatever the mix, the segmented-gather idea (SGMV) in dense form. A token may
+also carry a weighted mix of slots (``((slot, weight), ...)``): its mask row then holds each
+member's weight on that member's rows, so it gets ``sum_i w_i B_i A_i x`` exactly, in the same
+GEMMs. One adapter for every token skips the mask; no adapter skips LoRA entirely.
 
-Each slot's weights are stored once, at the served dtype and at their own rank, only in the
-layers the adapter targets: nothing is padded to a common rank or slot count, and adding an
-adapter never reallocates another one's weights (so any free slot can be written from another
-thread while the engine decodes). This module knows nothing of requests, tokens or files.
+Storage: each layer keeps its slots' rows in blocks of ``BLOCK_ROWS`` rows (a pair of tensors
+per block), at the served dtype and at each adapter's own rank, only in the layers the adapter
+targets: stored once (no per-step concatenation, no second copy), and the slots of a step are
+usually one contiguous span of one block (slots are handed out lowest first). Free rows are
+zero. Writing an adapter changes no other slot's rows and blocks are only ever added, never
+moved, so a write may run on another thread while the engine decodes.
+
+bf16 base Linears on CPU (and the lm_head) run on oneDNN-prepacked weights: bit-identical to
+``F.linear``, without re-laying out the weight on every call (what dominates small-M decode).
+This module knows nothing of requests, tokens or files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 
+TokenSlot = Union[int, Tuple[Tuple[int, float], ...]]  # a slot (weight 1; 0 = base) or a weighted mix
+
+#: use oneDNN-prepacked weights for bf16 CPU base Linears (bit-identical to ``F.linear``, less
+#: per-call work); a switch so tools/engine_bench.py can compare both in one process
+PACKED_LINEARS = {"enabled": True}
+
+
 @dataclass
 class LoraBatchContext:
-    """Per-step state shared by every wrapped layer: the adapter slot of each flattened token."""
+    """Per-step state shared by every wrapped layer: the adapter slot (or weighted mix of slots)
+    of each flattened token."""
 
-    token_slots: torch.Tensor | None = None  # [N] long
+    token_slots: torch.Tensor | None = None  # [N] long, when no token carries a mix
+    token_weights: torch.Tensor | None = None  # [N, len(used) + 1] fp32: weight of each used slot; last column 0
     used: tuple[int, ...] = ()  # the non-zero slots present this step, sorted
-    single: bool = False  # every token uses used[0]
+    single: bool = False  # every token uses used[0] at weight 1
     version: int = 0  # bumped whenever the slots or any adapter's weights change
-    _masks: dict = field(default_factory=dict)  # column layout -> [N, R] one-hot, per step
+    _masks: dict = field(default_factory=dict)  # row layout -> [N, span] mask, per step
 
     @property
     def any_adapter(self) -> bool:
         return bool(self.used)
 
-    def set_token_slots(self, slots: Sequence[int], device) -> None:
-        """Slots of this step's tokens, in the flattened order."""
-        used = tuple(sorted({s for s in slots if s}))
-        self.used = used
-        self.single = len(used) == 1 and all(s == used[0] for s in slots)
-        self.token_slots = torch.tensor(list(slots), dtype=torch.long, device=device) if used and not self.single else None
+    def set_token_slots(self, slots: Sequence[TokenSlot], device) -> None:
+        """Slots of this step's tokens, in the flattened order. Each item is an int (that slot's
+        adapter at weight 1; 0 = the bare base) or a tuple of ``(slot, weight)`` pairs: the token
+        gets ``sum_i weight_i * B_i A_i x`` (a weighted mix, exact for LoRA). Pairs on slot 0 add
+        nothing (the base is always there once); a slot named twice in one mix sums its weights."""
         self._masks = {}
+        self.token_slots = self.token_weights = None
+        if all(isinstance(s, int) for s in slots):
+            used = tuple(sorted({s for s in slots if s}))
+            self.used = used
+            self.single = len(used) == 1 and all(s == used[0] for s in slots)
+            if used and not self.single:
+                index = {s: i for i, s in enumerate(used)}
+                self.token_slots = torch.tensor(list(slots), dtype=torch.long, device=device)
+                columns = torch.tensor([index.get(s, len(used)) for s in slots], dtype=torch.long, device=device)
+                weights = torch.zeros(len(slots), len(used) + 1, dtype=torch.float32, device=device)
+                weights.scatter_(1, columns[:, None], 1.0)
+                weights[:, len(used)] = 0.0  # base tokens: no column
+                self.token_weights = weights
+            return
+        rows: list[dict[int, float]] = []
+        for item in slots:
+            if isinstance(item, int):
+                rows.append({item: 1.0} if item else {})
+                continue
+            row: dict[int, float] = {}
+            for slot, weight in item:
+                if slot:
+                    row[int(slot)] = row.get(int(slot), 0.0) + float(weight)
+            rows.append(row)
+        used = tuple(sorted({s for row in rows for s in row}))
+        self.used = used
+        self.single = len(used) == 1 and all(row == {used[0]: 1.0} for row in rows)
+        if not used or self.single:
+            return
+        index = {s: i for i, s in enumerate(used)}
+        dense = [[0.0] * (len(used) + 1) for _ in rows]
+        for dense_row, row in zip(dense, rows):
+            for slot, weight in row.items():
+                dense_row[index[slot]] = weight
+        self.token_weights = torch.tensor(dense, dtype=torch.float32, device=device)  # [N, U + 1]
 
-    def mask(self, layout: tuple[tuple[int, int], ...], columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """[N, R] with 1 where column r belongs to the token's slot; shared by layers of one layout."""
-        key = (layout, dtype)
+    def mask(self, key, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[N, R]: for each token, the weight of the slot owning each of a layer's R LoRA rows
+        (``columns`` [R]: index into ``used``, ``len(used)`` for rows of no slot in use); shared by
+        the layers of one row layout (``key``)."""
+        key = (key, dtype)
         found = self._masks.get(key)
         if found is None:
-            found = (self.token_slots[:, None] == columns[None, :]).to(dtype)
+            found = self.token_weights.index_select(1, columns).to(dtype)  # [N, R]
             self._masks[key] = found
         return found
 
 
+def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's prepacked form of a bf16 CPU Linear weight [out, in], or None where unavailable."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``F.linear(x, W, bias)`` on the prepacked W (bit-identical); x [..., in] -> [..., out]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")  # [M, out]
+    return y.view(*x.shape[:-1], out_features)
+
+
+class PackedLinear(nn.Module):
+    """A plain bf16 CPU Linear computed on oneDNN-prepacked weights (the lm_head, which carries
+    no LoRA); ``weight``/``bias`` stay readable (tied embeddings, ``get_output_embeddings``)."""
+
+    def __init__(self, base: nn.Linear, packed: torch.Tensor) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.packed = packed
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if PACKED_LINEARS["enabled"] and x.dtype == torch.bfloat16:
+            return _packed_linear(x, self.packed, self.base_layer.bias, self.out_features)
+        return self.base_layer(x)
+
+
+#: rows per block of a layer's LoRA storage: 8 rank-8 adapters share one block
+BLOCK_ROWS = 64
+
+#: up to this many tokens, a bf16 CPU step computes the LoRA products in fp32 (see forward)
+SMALL_M_FP32 = 16
+
+
 class MultiLoraLinear(nn.Module):
-    """A base Linear plus the LoRA weights of every resident adapter that targets it."""
+    """A base Linear plus the LoRA weights of every resident adapter that targets it.
+
+    A slot's rank rows live in a block of rows shared with other slots: per block one pair
+    ``(A rows [n, in], B rows [n, out])`` (B with the scale folded in), ``n = BLOCK_ROWS`` (or the
+    rank, if larger), and ``row_of[slot] = (block, first row, rank)``. The weights are stored once
+    and a step reads the rows of the slots it uses in place: per block one contiguous span (slots
+    are handed out lowest first, so that is usually one span in one block) or, when the used rows
+    are scattered among many others, a gather. Free rows are all-zero and masked out. Blocks are
+    never reallocated, only added (a new adapter that fits no free rows), so memory tracks what
+    is stored and no copy is made. ``write`` (adding a block when needed) may run on another
+    thread during a forward: it touches only free rows, and the block list is replaced as one
+    reference; writers are serialized by the slot table's lock."""
 
     def __init__(self, base: nn.Module, name: str, context: LoraBatchContext, *, dtype: torch.dtype = torch.float32, device=None) -> None:
         super().__init__()
@@ -73,69 +185,201 @@ class MultiLoraLinear(nn.Module):
         self.out_features = base.out_features
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else next(base.parameters()).device
-        self.slots: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [in, r], B*scale [r, out])
-        self.stack_a = None  # no stacks (kept for callers that check it): nothing is preallocated
-        self._used: tuple | None = None  # (key, A_used [in, R], B_used [R, out], columns [R], layout)
+        self.blocks: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (A [n, in], B [n, out]) per block
+        self.row_of: dict[int, tuple[int, int, int]] = {}  # slot -> (block, first row, rank)
+        self._free: list[tuple[int, int, int]] = []  # free row ranges (block, start, length), sorted, merged
+        self._plan: tuple | None = None  # ((ctx.used, rows version), how to read the rows)
+        self._rows_version = 0
+        # oneDNN-prepacked bf16 weight for a plain CPU nn.Linear (bitsandbytes layers are subclasses: not packed)
+        self._packed = _pack(base.weight) if type(base) is nn.Linear else None
+        self.stack_a = None  # kept for callers that check it
 
     # ------------------------------------------------------------- weights
-    def ensure(self, capacity: int, rank: int, dtype: torch.dtype, device) -> None:
-        """Nothing to grow: each slot holds its own tensors (kept for the slot table's protocol)."""
+    @property
+    def slots(self) -> dict[int, tuple[int, int, int]]:
+        """slot -> (block, first row, rank) of the slots this layer holds."""
+        return self.row_of
+
+    @property
+    def capacity(self) -> int:
+        """Rows allocated (used and free)."""
+        return sum(int(a.shape[0]) for a, _ in self.blocks)
+
+    def _find(self, rank: int) -> tuple[int, int] | None:
+        for block, start, length in self._free:
+            if length >= rank:
+                return block, start
+        return None
 
     def fits(self, slot: int, rank: int) -> bool:
+        """Always: a write may add a block (never moving other rows), from any thread."""
         return True
 
+    def grow(self, rank: int):
+        """Make room for ``rank`` more rows: a new block when no free range is long enough
+        (allocated before anything changes); returns an undo that drops it, or None."""
+        if self._find(rank) is not None:
+            return None
+        n = max(BLOCK_ROWS, rank)
+        pair = (
+            torch.zeros(n, self.in_features, dtype=self.dtype, device=self.device),
+            torch.zeros(n, self.out_features, dtype=self.dtype, device=self.device),
+        )
+        old = (self.blocks, list(self._free))
+        index = len(self.blocks)
+        self._free = sorted(self._free + [(index, 0, n)])
+        self.blocks = self.blocks + (pair,)  # one reference swap: a forward sees the old tuple or the new one
+
+        def undo() -> None:
+            self.blocks, self._free = old
+            self._rows_version += 1
+
+        return undo
+
+    def ensure(self, capacity: int, rank: int, dtype: torch.dtype, device) -> None:
+        """Kept for the slot table's protocol: room for ``rank`` rows."""
+        self.grow(rank)
+
+    def _release(self, block: int, start: int, length: int) -> None:
+        merged: list[tuple[int, int, int]] = []
+        for b, s, n in sorted(self._free + [(block, start, length)]):
+            if merged and merged[-1][0] == b and merged[-1][1] + merged[-1][2] == s:
+                merged[-1] = (b, merged[-1][1], merged[-1][2] + n)
+            else:
+                merged.append((b, s, n))
+        self._free = merged
+
+    def _take(self, rank: int) -> tuple[int, int]:
+        found = self._find(rank)
+        if found is None:
+            self.grow(rank)  # written outside the slot table's grow (an in-place write)
+            found = self._find(rank)
+        block, start = found
+        for i, (b, s, n) in enumerate(self._free):
+            if (b, s) == found:
+                self._free[i : i + 1] = [(b, s + rank, n - rank)] if n > rank else []
+                break
+        return block, start
+
     def write(self, slot: int, weights) -> None:
-        """Put one adapter's A [r, in] and B [out, r] (scale folded into B) into ``slot``."""
-        a = weights.a.detach().to(device=self.device, dtype=self.dtype).T.contiguous()  # [in, r]
-        b = (weights.b.detach().float() * weights.scale).to(device=self.device, dtype=self.dtype).T.contiguous()  # [r, out]
-        self.slots[slot] = (a, b)  # one dict store: atomic for a forward on another thread
-        self._used = None
+        """Put one adapter's A [r, in] and B [out, r] (scale folded into B) into ``slot``'s rows."""
+        a = weights.a.detach().to(device=self.device, dtype=self.dtype)  # [r, in]
+        b = (weights.b.detach().float() * weights.scale).T.to(device=self.device, dtype=self.dtype)  # [r, out]
+        rank = int(a.shape[0])
+        if tuple(a.shape) != (rank, self.in_features) or tuple(b.shape) != (rank, self.out_features):
+            raise ValueError(f"{self.module_name}: LoRA A {tuple(weights.a.shape)} / B {tuple(weights.b.shape)} do not fit a Linear {self.in_features} -> {self.out_features}")
+        if slot in self.row_of:
+            self.clear(slot)
+        block, start = self._take(rank)
+        rows_a, rows_b = self.blocks[block]
+        rows_a[start : start + rank] = a
+        rows_b[start : start + rank] = b
+        self.row_of[slot] = (block, start, rank)  # published last: one dict store, atomic for a forward on another thread
+        self._rows_version += 1
 
     def clear(self, slot: int) -> None:
-        self.slots.pop(slot, None)
-        self._used = None
+        found = self.row_of.pop(slot, None)
+        if found is None:
+            return
+        block, start, rank = found
+        self._rows_version += 1
+        rows_a, rows_b = self.blocks[block]
+        rows_a[start : start + rank] = 0  # free rows stay all-zero (masked spans read them)
+        rows_b[start : start + rank] = 0
+        self._release(block, start, rank)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.slots.values())
+        """Bytes of the rows resident adapters hold (not counting free rows)."""
+        per_row = (self.in_features + self.out_features) * torch.empty((), dtype=self.dtype).element_size()
+        return sum(rank for _, _, rank in self.row_of.values()) * per_row
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.blocks)
 
     # ------------------------------------------------------------- forward
-    def _weights_for(self, used: tuple[int, ...]):
-        cached = self._used
-        if cached is not None and cached[0] == used:
-            return cached
-        pairs = [(s, self.slots[s]) for s in used]
-        a_used = torch.cat([a for _, (a, _) in pairs], dim=1)  # [in, R]
-        b_used = torch.cat([b for _, (_, b) in pairs], dim=0)  # [R, out]
-        layout = tuple((s, a.shape[1]) for s, (a, _) in pairs)
-        columns = torch.tensor([s for s, r in layout for _ in range(r)], dtype=torch.long, device=self.device)
-        cached = (used, a_used, b_used, columns, layout)
-        self._used = cached
-        return cached
+    def _rows_plan(self, ctx: LoraBatchContext) -> list[tuple]:
+        """How this step reads the rows of the slots in use: per block ``(block, key, lo, hi,
+        columns, index)``: the span [lo, hi) (``index`` None) or, when the used rows lie among
+        many others, a gather of rows ``index`` [R]; ``columns`` [R] maps each row read to its
+        slot's position in ``ctx.used`` (``len(used)`` = a row of no used slot: masked to 0)."""
+        plan_key = (ctx.used, self._rows_version)
+        cached = self._plan
+        if cached is not None and cached[0] == plan_key:
+            return cached[1]
+        per_block: dict[int, list[tuple[int, int, int]]] = {}
+        for i, s in enumerate(ctx.used):
+            found = self.row_of.get(s)
+            if found is not None:
+                block, start, rank = found
+                per_block.setdefault(block, []).append((i, start, rank))
+        plan = []
+        for block, used in sorted(per_block.items()):
+            lo = min(start for _, start, _ in used)
+            hi = max(start + rank for _, start, rank in used)
+            owner = {r: i for i, start, rank in used for r in range(start, start + rank)}
+            index = None
+            rows = list(range(lo, hi))
+            if hi - lo > 2 * len(owner) + 16:
+                rows = sorted(owner)
+                index = torch.tensor(rows, dtype=torch.long, device=self.device)
+            cols = [owner.get(r, len(ctx.used)) for r in rows]
+            columns = torch.tensor(cols, dtype=torch.long, device=self.device)
+            plan.append((block, tuple(cols), lo, hi, columns, index))
+        self._plan = (plan_key, plan)
+        return plan
+
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed
+        if packed is not None and PACKED_LINEARS["enabled"] and x.dtype == torch.bfloat16:
+            return _packed_linear(x, packed, self.base_layer.bias, self.out_features)
+        return self.base_layer(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        y = self._base(x)
         ctx = self.context
-        if not ctx.used or not self.slots:
-            return y
-        slots = self.slots
-        used = tuple(s for s in ctx.used if s in slots)
-        if not used:
+        if not ctx.used or not self.row_of:
             return y
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
-        if ctx.single:  # one adapter for every token: y += (x @ A) @ B
-            a, b = slots[used[0]]
-            delta_in = x2 @ a  # [N, r]
-            b_used = b
+        blocks = self.blocks
+        small = x2.shape[0] <= SMALL_M_FP32 and self.dtype == torch.bfloat16 and x2.device.type == "cpu"
+        in_place = y.dtype == self.dtype and y.is_contiguous()
+        y2 = y.view(-1, self.out_features) if in_place else torch.zeros(x2.shape[0], self.out_features, dtype=self.dtype, device=x2.device)
+        if ctx.single:  # one adapter for every token: y += (x @ A^T) @ B
+            found = self.row_of.get(ctx.used[0])
+            if found is None:
+                return y
+            block, start, rank = found
+            rows_a, rows_b = blocks[block]
+            a, b = rows_a[start : start + rank], rows_b[start : start + rank]  # [r, in], [r, out]
+            if small:
+                # a few tokens (decode of one or a few streams): the bf16 GEMM's fixed cost (~35 us a
+                # call here) dwarfs the work; fp32 on the fly is ~4x cheaper, and no less exact
+                y2.add_((x2.float() @ a.float().T) @ b.float())  # [N, out] += ([N, in] @ [in, r]) @ [r, out], fp32
+            else:
+                y2.addmm_(x2 @ a.T, b)  # [N, out] += [N, r] @ [r, out]
         else:
-            _, a_used, b_used, columns, layout = self._weights_for(used)
-            delta_in = (x2 @ a_used) * ctx.mask(layout, columns, self.dtype)  # [N, R], other slots' columns zeroed
-        if y.dtype == self.dtype and y.is_contiguous():
-            y.view(-1, self.out_features).addmm_(delta_in, b_used)  # in place: [N, out] += [N, R] @ [R, out]
+            plan = self._rows_plan(ctx)
+            if not plan:
+                return y
+            for block, key, lo, hi, columns, index in plan:
+                rows_a, rows_b = blocks[block]
+                if index is None:
+                    a, b = rows_a[lo:hi], rows_b[lo:hi]  # views: [R, in], [R, out]
+                else:
+                    a, b = rows_a.index_select(0, index), rows_b.index_select(0, index)
+                if small:  # as above, fp32 for a few tokens
+                    delta_in = (x2.float() @ a.float().T).mul_(ctx.mask(key, columns, torch.float32))  # [N, R]
+                    y2.add_(delta_in @ b.float())
+                else:
+                    delta_in = (x2 @ a.T).mul_(ctx.mask(key, columns, self.dtype))  # [N, R]: each token's own slots' rows, weighted
+                    y2.addmm_(delta_in, b)  # [N, out] += [N, R] @ [R, out]
+        if in_place:
             return y
-        return y + (delta_in @ b_used).to(y.dtype).view(y.shape)
+        return y + y2.to(y.dtype).view(y.shape)
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -158,6 +402,13 @@ def inject_multi_lora(
         if _is_linear(module) and name.rsplit(".", 1)[-1] not in exclude
     ]
     wrapped: dict[str, MultiLoraLinear] = {}
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in exclude:  # the lm_head: no LoRA, prepacked bf16
+            packed = _pack(module.weight)
+            if packed is not None:
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, PackedLinear(module, packed))
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -48,6 +48,9 @@ class AdapterPayload(Protocol):
 @runtime_checkable
 class Engine(Protocol):
     payload_kind: str  # the AdapterPayload.kind this engine installs
+    # per-request features honoured (a subset of rows.ALL_FEATURES: "logprobs", "prompt_logprobs",
+    # "n", "constraint", "mix", "penalties"); ``admit`` refuses a request using any other
+    features: frozenset[str]
     max_batch_size: int
     max_model_len: int
 
@@ -57,13 +60,16 @@ class Engine(Protocol):
     @property
     def resident_adapters(self) -> list[str]: ...
 
-    def has_capacity(self) -> bool:
-        """True when one more request may be admitted now."""
+    def has_capacity(self, rows: int = 1) -> bool:
+        """True when a request taking ``rows`` rows (``EngineRequest.rows``: 1 + its forks) may
+        be admitted now."""
         ...
 
     def admit(self, request: EngineRequest) -> None:
-        """Take a request into the engine; its prompt is prefilled within the next steps' token
-        budget (a failure ends that request only, with finish reason ``error``)."""
+        """Take a request (and its forks) into the engine; its prompt is prefilled within the
+        next steps' token budget (a failure ends that request only, with finish reason
+        ``error``). Raises, admitting nothing, for a request it cannot take (a feature not in
+        ``features``, no room, an unknown adapter)."""
         ...
 
     def step(self) -> None:

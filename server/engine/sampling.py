@@ -1,11 +1,20 @@
 """Token sampling for a whole batch in one pass: greedy, temperature, top-k, top-p, seeds,
-logit bias, min_tokens and presence/frequency/repetition penalties, each per row.
+logit bias, min_tokens, presence/frequency/repetition penalties, structured-output token masks
+and logprobs, each per row.
 
-:func:`sample_batch` takes the logits of every row that samples this step ``[R, vocab]`` and one
-:class:`RowSampling` per row (its parameters, its generator, its tokens so far); every per-row
-parameter becomes a column tensor ``[R, 1]`` so the work is a handful of batched tensor ops, and
-the result comes back to the host once (``tolist``). A further per-row control (a token mask for
-structured output, logprobs) is one more tensor in the same pass.
+:func:`sample_step` takes the logits of every row that samples this step ``[R, vocab]`` and one
+:class:`RowSampling` per row (its parameters, its generator, its tokens so far, its constraint,
+its logprobs setting); every per-row parameter becomes a column tensor ``[R, 1]`` so the work is
+a handful of batched tensor ops, and the result comes back to the host once (one ``tolist`` of
+one packed tensor: tokens, logprobs and the rows a constraint left without any allowed token).
+
+Logprobs are ``log_softmax`` of the RAW logits in fp32 (before temperature, penalties, bias and
+masks): what a full forward of the model gives, whatever the row's sampling controls.
+
+Structured output: each constrained row's :class:`TokenConstraint` writes its row of one int32
+bitmask ``[C, ceil(vocab / 32)]`` (bit set = allowed; xgrammar's and llguidance's layout), which
+becomes a -inf mask with torch ops. Grammar engines are the service's business: nothing here
+imports one. Advancing a constraint with the chosen token is the engine's job (``rows.py``).
 
 Seeded rows stay reproducible whatever shares the batch: the only random number a row consumes
 is one uniform draw per step from its own ``torch.Generator`` (inverse-CDF sampling), never a
@@ -15,9 +24,12 @@ batch-wide random tensor. Knows token ids only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
+
+#: the most top logprobs a row may ask for (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,6 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
-    # Applied by the sampler (the HTTP API refuses them until it passes them through):
     min_tokens: int = 0  # stop ids (EOS included) are masked until this many tokens are out
     presence_penalty: float = 0.0  # OpenAI: subtracted once from every token already generated
     frequency_penalty: float = 0.0  # OpenAI: subtracted once per occurrence in the generated text
@@ -45,6 +56,32 @@ class SamplingParams:
     @property
     def penalized(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model (log_softmax of the raw fp32 logits)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # the k best (token_id, logprob), best first; () when k == 0
+
+
+@runtime_checkable
+class TokenConstraint(Protocol):
+    """One row's structured-output state (built by the service from a grammar engine's matcher)."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, index: int) -> None:
+        """Write row ``index`` of an int32 bitmask [R, ceil(vocab/32)]: bit set = token allowed."""
+        ...
+
+    def accept(self, token_id: int) -> bool:
+        """Advance with the sampled token; False = refused (the row ends with "error")."""
+        ...
+
+    def is_terminated(self) -> bool:
+        """Nothing may follow: the row ends with "stop"."""
+        ...
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
@@ -68,6 +105,17 @@ class RowSampling:
     output_ids: Sequence[int] = ()  # generated so far (penalties)
     prompt_ids: Sequence[int] = ()  # (repetition penalty)
     stop_ids: frozenset[int] = frozenset()  # masked while fewer than min_tokens are out
+    logprobs: int | None = None  # None = off; k = the chosen token's logprob and the k best
+    constraint: TokenConstraint | None = None  # its bitmask row masks the logits
+
+
+@dataclass
+class StepSample:
+    """The sampler's answer for R rows."""
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]  # per row; None where the row did not ask
+    dead: list[bool]  # per row: its constraint allowed no token at all (the row must end)
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
@@ -119,13 +167,44 @@ def _apply_controls(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.
     return scores
 
 
-def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
-    """One token id per row from ``logits [R, vocab]``; one host sync."""
-    scores = logits.float()  # [R, V] (a copy when logits are bf16; penalties may write into it)
-    if any(r.params.logit_bias or r.params.min_tokens or r.params.penalized for r in rows):
-        if scores.data_ptr() == logits.data_ptr():
-            scores = scores.clone()
+def bitmask_to_allowed(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """int32 bitmask [C, ceil(vocab/32)] (bit j of word w = token 32*w + j) -> bool [C, vocab]."""
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # [32]
+    bits = (bitmask[:, :, None] >> shifts) & 1  # [C, W, 32] (arithmetic shift: & 1 keeps bit j)
+    return bits.reshape(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def _apply_constraints(scores: torch.Tensor, rows: Sequence[RowSampling]) -> torch.Tensor | None:
+    """-inf where a constrained row's bitmask forbids a token; returns [R] bool "no token
+    allowed" (None when no row is constrained)."""
+    constrained = [i for i, row in enumerate(rows) if row.constraint is not None]
+    if not constrained:
+        return None
+    vocab = scores.shape[1]
+    bitmask = torch.zeros(len(constrained), (vocab + 31) // 32, dtype=torch.int32)  # CPU: the matchers write it
+    for j, i in enumerate(constrained):
+        rows[i].constraint.fill_bitmask(bitmask, j)
+    allowed = bitmask_to_allowed(bitmask.to(scores.device), vocab)  # [C, V]
+    index = torch.tensor(constrained, device=scores.device)
+    masked = scores[index].masked_fill(~allowed, float("-inf"))  # [C, V]
+    none = torch.isneginf(masked).all(dim=-1)  # [C]: the mask (with min_tokens, bias) left nothing
+    scores[index] = masked.masked_fill(none[:, None], 0.0)  # such a row samples anything; its token is discarded
+    dead = torch.zeros(len(rows), dtype=torch.bool, device=scores.device)
+    dead[index] = none
+    return dead
+
+
+def sample_step(logits: torch.Tensor, rows: Sequence[RowSampling]) -> StepSample:
+    """One token per row from ``logits [R, vocab]``, with logprobs where asked; one host sync."""
+    R = len(rows)
+    scores = logits.float()  # [R, V] (a copy when logits are bf16; controls may write into it)
+    controlled = any(r.params.logit_bias or r.params.min_tokens or r.params.penalized for r in rows)
+    constrained = any(r.constraint is not None for r in rows)
+    if (controlled or constrained) and scores.data_ptr() == logits.data_ptr():
+        scores = scores.clone()
+    if controlled:
         scores = _apply_controls(scores, rows)
+    dead = _apply_constraints(scores, rows) if constrained else None
     tokens = torch.argmax(scores, dim=-1)  # [R] (greedy rows keep these)
     sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
     if sampled:
@@ -150,9 +229,57 @@ def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]
             cdf = torch.cumsum(torch.softmax(sub, dim=-1), dim=-1)
             chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).clamp_(min=1e-30)[:, None]).clamp_(max=sub.shape[1] - 1)[:, 0]
         tokens[torch.tensor(sampled, device=tokens.device)] = chosen
-    return tokens.tolist()
+    # everything the host needs, packed into one float64 tensor: one transfer
+    parts = [tokens.double()]
+    if dead is not None:
+        parts.append(dead.double())
+    asking = [i for i, r in enumerate(rows) if r.logprobs is not None]
+    k_max = 0
+    if asking:
+        k_max = min(max(rows[i].logprobs for i in asking), MAX_TOP_LOGPROBS, logits.shape[1])
+        index = torch.tensor(asking, device=logits.device)
+        lp = torch.log_softmax(logits[index].float(), dim=-1)  # [A, V] raw logits, fp32
+        parts.append(lp.gather(1, tokens[index][:, None])[:, 0].double())  # [A]
+        if k_max:
+            top_v, top_i = torch.topk(lp, k_max, dim=-1)  # [A, k]
+            parts += [top_v.double().flatten(), top_i.double().flatten()]
+    packed = torch.cat(parts).tolist() if len(parts) > 1 else parts[0].tolist()
+    out_tokens = [int(t) for t in packed[:R]]
+    pos = R
+    out_dead = [False] * R
+    if dead is not None:
+        out_dead = [bool(d) for d in packed[pos : pos + R]]
+        pos += R
+    out_lps: list[TokenLogprob | None] = [None] * R
+    if asking:
+        A = len(asking)
+        chosen_lp = packed[pos : pos + A]
+        pos += A
+        top_v = packed[pos : pos + A * k_max]
+        top_i = packed[pos + A * k_max : pos + 2 * A * k_max]
+        for j, i in enumerate(asking):
+            k = min(rows[i].logprobs, k_max)
+            top = tuple((int(top_i[j * k_max + t]), top_v[j * k_max + t]) for t in range(k))
+            out_lps[i] = TokenLogprob(out_tokens[i], chosen_lp[j], top)
+    return StepSample(out_tokens, out_lps, out_dead)
+
+
+def sample_batch(logits: torch.Tensor, rows: Sequence[RowSampling]) -> list[int]:
+    """One token id per row from ``logits [R, vocab]`` (``sample_step`` without the extras)."""
+    return sample_step(logits, rows).tokens
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """One token id from a [vocab] row of logits (the batch sampler on one row)."""
     return sample_batch(logits[None], [RowSampling(params, generator)])[0]
+
+
+def logprobs_of(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``log_softmax`` of raw ``logits [P, V]`` in fp32: the targets' logprobs [P] and the k best
+    (values [P, k], ids [P, k]; None when k == 0). For prompt logprobs (echo)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)  # [P, V]
+    chosen = lp.gather(1, targets[:, None])[:, 0]
+    if k <= 0:
+        return chosen, None, None
+    values, ids = torch.topk(lp, min(k, lp.shape[1]), dim=-1)
+    return chosen, values, ids

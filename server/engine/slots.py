@@ -3,8 +3,8 @@ LoRA weights (slot 0 = the bare base, never handed out), a free list (lowest slo
 capacity growth that is ALL-OR-NOTHING.
 
 ``SlotTable`` is backend-independent: it decides the slot and the capacity, and asks a
-``SlotStore`` to grow, write and clear: the torch layers' per-slot tensors (``TorchLayerStore``:
-nothing preallocated, nothing to grow), the onnx mixed-batch engine's numpy stacks
+``SlotStore`` to grow, write and clear: the torch layers' rank rows (``TorchLayerStore``:
+grown by adding blocks of rows, per layer), the onnx mixed-batch engine's numpy stacks
 (``onnx/stacked.py``: grown by reallocation), the per-request onnx engine's ``og.Adapters``
 containers. An install allocates everything it needs before anything changes, writes, and only
 then commits; a failure at any point (out of memory while growing, a bad tensor while writing)
@@ -177,10 +177,12 @@ class SlotTable(Generic[P]):
 
 class TorchLayerStore:
     """The torch engine's adapter weights: every wrapped layer (``MultiLoraLinear``, lora.py)
-    keeps each slot's A/B as tensors of their own, only in the layers the adapter targets, so
-    there is nothing to grow (any slot number fits) and a write replaces no other slot's tensors.
-    The payload is ``{module name: weights}`` (store/validation.py's LoraModuleWeights: ``a``
-    [r, in], ``b`` [out, r], ``scale``, ``rank``). A write that fails midway is undone by
+    keeps its slots' A/B rows in blocks of rows, only in the layers the adapter targets (any
+    slot number fits; what grows is a layer's block list, by adding a block, never moving rows,
+    so it is safe beside a forward on the engine thread and ``fits`` is always true). ``grow``
+    makes room in every targeted layer before any write, with an undo that drops the added
+    blocks. The payload is ``{module name: weights}`` (store/validation.py's LoraModuleWeights:
+    ``a`` [r, in], ``b`` [out, r], ``scale``, ``rank``). A write that fails midway is undone by
     ``clear`` (the slot is dropped from every layer)."""
 
     def __init__(self, layers: Mapping[str, object], *, dtype: torch.dtype, device) -> None:
@@ -192,7 +194,24 @@ class TorchLayerStore:
         return all(self.layers[name].fits(capacity - 1, weights.rank) for name, weights in modules.items())
 
     def grow(self, capacity: int, modules: Mapping[str, object]):
-        return None  # per-slot tensors: nothing is preallocated, so nothing grows
+        undos = []
+        try:
+            for name, weights in modules.items():
+                undo = self.layers[name].grow(weights.rank)
+                if undo is not None:
+                    undos.append(undo)
+        except BaseException:
+            for undo in reversed(undos):
+                undo()
+            raise
+        if not undos:
+            return None
+
+        def undo_all() -> None:
+            for undo in reversed(undos):
+                undo()
+
+        return undo_all
 
     def write(self, slot: int, modules: Mapping[str, object]) -> None:
         for name, weights in modules.items():

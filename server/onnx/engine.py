@@ -8,9 +8,16 @@ ONE adapter fixed at its creation, and its continuous-batching ``Engine`` has no
 so every request gets its own Generator (its own KV cache, its adapter set once, as
 onnxruntime-genai requires) and a decode step advances each running Generator by one token.
 
-Sampling is ours, not onnxruntime-genai's: each step reads the last logits and samples with the
-same code as the torch backend (greedy, temperature, top-p, seed), then appends the token; so
-both backends honour the same request fields and stop rules.
+Sampling is ours, not onnxruntime-genai's: each step reads the last logits of every running
+Generator and samples them together with the same code as the torch backend
+(``RowEngine._sample_and_accept``: greedy, temperature, top-p/top-k, seed, penalties, logit bias,
+min_tokens, logprobs of the generated tokens, structured-output constraints), then appends the
+tokens; so both backends honour the same request fields and stop rules.
+
+Features (``features``): logprobs, constraint, penalties. Not supported, refused at admission:
+prompt logprobs (a Generator hands back the last position's logits only, not the prompt's), n > 1
+(a Generator's KV cache cannot be copied into another Generator), and adapter mixes (a Generator
+runs exactly one adapter, set once).
 
 Adapters: each resident adapter lives in its OWN ``og.Adapters`` container, held in a slot of the
 shared ``SlotTable`` (engine/slots.py; slots are only bookkeeping here: nothing is stacked).
@@ -30,14 +37,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from loraplex.server.engine.rows import EngineRequest, RowEngine, Running
-from loraplex.server.engine.sampling import RowSampling, make_generator, sample_batch
+from loraplex.server.engine.sampling import make_generator
 from loraplex.server.engine.slots import SlotTable
 from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, OnnxAdapterTensors
 
@@ -103,13 +110,6 @@ class _ContainerStore:
 @dataclass
 class _OnnxRunning(Running):
     og_generator: object = None  # onnxruntime_genai.Generator
-    output_ids: list = field(default_factory=list)  # generated so far (penalties)
-
-    def sample(self, logits) -> int:
-        """This row's next token from its [vocab] logits (the shared sampler: every control)."""
-        token = sample_batch(logits[None], [RowSampling(self.request.params, self.generator, self.output_ids, self.request.prompt_ids, self.stop_ids)])[0]
-        self.output_ids.append(token)
-        return token
 
 
 def genai_eos_ids(model_dir: Path) -> list[int]:
@@ -125,6 +125,7 @@ class OnnxEngine(RowEngine):
     """One onnxruntime-genai model, many adapters, one Generator per running request."""
 
     payload_kind = "onnx"
+    features = frozenset({"logprobs", "constraint", "penalties"})
 
     def __init__(
         self,
@@ -198,31 +199,31 @@ class OnnxEngine(RowEngine):
             stop_ids=self.stop_ids_for(request.params),
             og_generator=generator,
         )
-        token = running.sample(self._last_logits(generator))
-        if self._accept(running, token):
-            self._join(running)
+        self._join(running)  # joined before sampling: a row that ends at once leaves through _keep_rows
+        self._sample_and_accept([running], self._last_logits(generator)[None])
 
     def decode(self) -> None:
-        """One token for every running sequence (one forward per Generator)."""
+        """One token for every running sequence (one forward per Generator), sampled together."""
         self._drop_cancelled()
-        keep: list[int] = []
-        for i, running in enumerate(self.running):
+        rows: list[_OnnxRunning] = []
+        logits = []
+        failed: set[int] = set()
+        for running in self.running:
             try:
                 running.og_generator.append_tokens(np.asarray([running.last_token], dtype=np.int32))
-                logits = self._last_logits(running.og_generator)
+                logits.append(self._last_logits(running.og_generator))
             except Exception:
                 self._fail_row(running)
+                failed.add(id(running))
                 continue
             running.length += 1
-            try:
-                self._check_fault_hook(running)
-                token = running.sample(logits)
-            except Exception:
-                self._fail_row(running)
-                continue
-            if self._accept(running, token):
-                keep.append(i)
-        self._keep_rows(keep)
+            rows.append(running)
+        if failed:
+            self._keep_rows([i for i, r in enumerate(self.running) if id(r) not in failed])
+        if rows:
+            import torch
+
+            self._sample_and_accept(rows, torch.stack(logits))  # [R, vocab]
 
     @staticmethod
     def _last_logits(generator):

@@ -124,6 +124,20 @@ def _run_builder(base_path: Path, build: Path, cache: Path, precision: str, temp
     log.write_text(sink.getvalue())
 
 
+def _copy_stored_answers(adapter_dir: Path, adapter_file: Path) -> None:
+    """The held-out answers the adapter's training run stored (``eval_samples`` of its
+    ``training_report.json``), beside its ``.onnx_adapter``: the onnx backend replays them on the
+    export at load (``agreement.py``). Absent or unreadable reports are skipped."""
+    from loraplex.server.onnx.agreement import REPORT_FILE, report_path
+
+    try:
+        samples = json.loads((adapter_dir / REPORT_FILE).read_text()).get("eval_samples")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(samples, list) and samples:
+        report_path(adapter_file).write_text(json.dumps({"eval_samples": samples}, indent=1))
+
+
 def _check_loads(folder: Path, adapters: list[ExportedAdapter]) -> None:
     """Plain onnxruntime-genai (no loraplex code) must load the model and every adapter."""
     import onnxruntime_genai as og
@@ -193,6 +207,7 @@ def export_onnx(config: ExportConfig, *, say: Callable[[str], None] = print) -> 
         for adapter in validated:
             file = f"{adapter.name}{ONNX_ADAPTER_SUFFIX}"
             write_onnx_adapter(build / file, onnx_adapter_arrays(adapter.modules))
+            _copy_stored_answers(Path(adapter.path), build / file)
             exported.append(
                 ExportedAdapter(
                     name=adapter.name,

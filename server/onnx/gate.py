@@ -11,6 +11,10 @@ own load: the expensive part of conversion, onnxruntime's adapter writer, runs o
 adapter version. Any change to those inputs is a different key, so a hit is exactly what a full
 validation would conclude.
 
+On an int4 export the gate can also replay the held-out answers stored in the adapter's training
+report (``agreement.py``): the fraction reproduced is kept in the record (and so costs nothing on
+a hit), returned by ``agreement(name)`` and logged as a warning below its threshold.
+
 Runs in worker threads; knows nothing of engines, HTTP or gRPC.
 """
 
@@ -24,10 +28,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from loraplex.server import __version__
+from loraplex.server.onnx.agreement import Agreement, PredictionReplay, report_path, warn_if_low
 from loraplex.server.errors import AdapterInvalid
 from loraplex.server.store.validation import BaseShapes, ValidatedAdapter, load_validated_adapter
 from loraplex.server.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, read_manifest
-from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, onnx_adapter_arrays, write_onnx_adapter
+from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, onnx_adapter_arrays, read_onnx_adapter, write_onnx_adapter
 from loraplex.server.store.weights import sha256_file_memo
 
 
@@ -76,15 +81,23 @@ def release_free_memory() -> None:
 class OnnxAdapterGate:
     """``gate(path, name) -> ValidatedAdapter`` with ``artifact`` set to the file to load."""
 
-    def __init__(self, base: BaseShapes, *, max_lora_rank: int, cache_dir: Path) -> None:
+    def __init__(self, base: BaseShapes, *, max_lora_rank: int, cache_dir: Path, replay: PredictionReplay | None = None) -> None:
         self.base = base
+        self.replay = replay
+        self._agreements: dict[str, Agreement | None] = {}
         self.max_lora_rank = max_lora_rank
         self.cache_dir = Path(cache_dir)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         modules = hashlib.sha256("\n".join(f"{m}:{s}" for m, s in sorted(base.linear_shapes.items())).encode()).hexdigest()
         # the code version is part of the key: a later fix to validation or conversion never
         # meets a record an older version wrote
-        self._context = f"{CACHE_FORMAT}|{__version__}|{base.fingerprint}|{modules}|{max_lora_rank}"
+        replayed = f"replay:{replay.precision}:{replay.threshold}" if replay is not None else "no-replay"
+        self._context = f"{CACHE_FORMAT}|{__version__}|{base.fingerprint}|{modules}|{max_lora_rank}|{replayed}"
+
+    def agreement(self, name: str) -> Agreement | None:
+        """The last loaded version of ``name``: its stored held-out answers reproduced on this
+        export, or None (no replay on this export, no stored answers, or not loaded)."""
+        return self._agreements.get(name)
 
     def _key(self, path: Path) -> tuple[str, str, int] | None:
         """(cache key, weights sha256, weights size), or None when the folder is not even shaped
@@ -98,6 +111,9 @@ class OnnxAdapterGate:
                 return None
             manifest = path / MANIFEST
             extra = config.read_bytes() + b"\0" + (manifest.read_bytes() if manifest.is_file() else b"")
+        report = report_path(path)
+        if self.replay is not None and report.is_file():  # the replayed answers are part of the result
+            extra += b"\0" + report.read_bytes()
         sha = sha256_file_memo(weights)
         key = hashlib.sha256(self._context.encode() + b"\0" + sha.encode() + b"\0" + extra).hexdigest()[:40]
         return key, sha, weights.stat().st_size
@@ -116,11 +132,20 @@ class OnnxAdapterGate:
         if self._key(path) != keyed or validated.weights_sha256 != sha:
             # republished while we read it: what was validated may not be what the key names
             raise AdapterInvalid(f"adapter {name!r} changed while it was being loaded (republished?); load it again")
+        agreement = None
         if path.is_file():
             artifact = path  # an exported .onnx_adapter: loaded as it is
+            if self.replay is not None and report_path(path).is_file():
+                agreement = self.replay(path, read_onnx_adapter(path))
         else:
-            write_onnx_adapter(artifact, onnx_adapter_arrays(validated.modules))
-        self._write_record(record, artifact, validated)
+            arrays = onnx_adapter_arrays(validated.modules)
+            write_onnx_adapter(artifact, arrays)
+            if self.replay is not None:
+                agreement = self.replay(path, arrays)
+            del arrays
+        self._agreements[name] = agreement
+        warn_if_low(name, agreement)
+        self._write_record(record, artifact, validated, agreement)
         result = replace(validated, modules={}, artifact=artifact, summary_rank=validated.max_rank, summary_modules=validated.module_names)
         del validated
         release_free_memory()  # the conversion's temporaries (several times the adapter) go back to the OS
@@ -135,6 +160,13 @@ class OnnxAdapterGate:
             return None  # absent or unreadable: validate again (and rewrite it)
         if not target.is_file() or (target != path and target != artifact):
             return None
+        stored = data.get("agreement")
+        try:
+            agreement = Agreement(**stored) if isinstance(stored, dict) else None
+        except TypeError:
+            return None  # a record of another layout: validate again
+        self._agreements[name] = agreement
+        warn_if_low(name, agreement)
         return ValidatedAdapter(
             name=name,
             path=path,
@@ -148,8 +180,10 @@ class OnnxAdapterGate:
             summary_modules=modules,
         )
 
-    def _write_record(self, record: Path, artifact: Path, validated: ValidatedAdapter) -> None:
-        data = {"artifact": str(artifact), "rank": validated.max_rank, "modules": list(validated.module_names), "weights_sha256": validated.weights_sha256}
+    def _write_record(self, record: Path, artifact: Path, validated: ValidatedAdapter, agreement: Agreement | None = None) -> None:
+        data = {"artifact": str(artifact), "rank": validated.max_rank, "modules": list(validated.module_names), "weights_sha256": validated.weights_sha256,
+                "agreement": None if agreement is None else {"samples": agreement.samples, "reproduced": agreement.reproduced,
+                                                             "threshold": agreement.threshold, "precision": agreement.precision}}
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=self.cache_dir)
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh)

@@ -20,6 +20,13 @@ forward (right-padded to the longest, within ``max_num_batched_tokens``) straigh
 buffer rows; then one decode forward over every running row. What the graph cannot do (prompt
 chunks continuing a cache, prefill and decode rows in one forward) is in docs/onnx.md.
 
+Features (``features``): logprobs, prompt logprobs (a prefill forward returns the logits of every
+prompt position), constraints and penalties (the shared ``RowEngine._sample_and_accept`` over the
+graph's fp32 logits), and n > 1: a request's forks are prefilled with it ONCE, then the prompt's
+K/V rows are copied into one buffer row per fork, and every fork samples the same last logits.
+Refused at admission: adapter mixes (the graph takes ONE slot per row in ``lora_slots``: a
+weighted sum over slots needs a per-row weight input in the exported graph).
+
 Runs on the scheduler's thread, except ``try_add_adapter_in_place`` (a free slot, any thread).
 Knows token ids, never text.
 """
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -36,7 +43,7 @@ import numpy as np
 import torch
 
 from loraplex.server.engine.protocol import EngineStats
-from loraplex.server.engine.rows import FINISH_ERROR, EngineRequest, RowEngine, Running
+from loraplex.server.engine.rows import FINISH_ERROR, FINISH_LENGTH, EngineRequest, RowEngine, Running, promote_forks
 from loraplex.server.engine.sampling import make_generator
 from loraplex.server.engine.slots import SlotTable
 from loraplex.server.onnx.engine import OnnxAdapterPayload, check_onnx_payload
@@ -47,7 +54,7 @@ log = logging.getLogger("loraplex.onnx")
 
 @dataclass
 class _Row(Running):
-    output_ids: list[int] = field(default_factory=list)
+    """A running row (its K/V in buffer row ``running.index(row)``)."""
 
 
 @dataclass
@@ -136,6 +143,7 @@ class StackedOnnxEngine(RowEngine):
     """One onnxruntime session, many adapters in slots, one mixed batch, KV written in place."""
 
     payload_kind = "onnx"
+    features = frozenset({"logprobs", "prompt_logprobs", "n", "constraint", "penalties"})
 
     def __init__(
         self,
@@ -230,7 +238,7 @@ class StackedOnnxEngine(RowEngine):
     # ----------------------------------------------------------------- state
     @property
     def num_running(self) -> int:
-        return len(self.running) + len(self.admitted)
+        return len(self.running) + sum(r.rows for r in self.admitted)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -291,15 +299,22 @@ class StackedOnnxEngine(RowEngine):
         tokens count) and free rows; at least one."""
         batch: list[EngineRequest] = []
         longest = 0
-        while self.admitted and len(self.running) + len(batch) < self.max_batch_size:
+        rows = 0  # buffer rows the batch takes (its requests and their forks)
+        while self.admitted:
             request = self.admitted[0]
             if request.cancelled:
                 self.admitted.popleft().emit(None, request.cancel_reason)
+                promoted = promote_forks(request)  # cancelling one choice spares the others
+                if promoted is not None:
+                    self.admitted.appendleft(promoted)
                 continue
+            if len(self.running) + rows + request.rows > self.max_batch_size:
+                break
             width = max(longest, len(request.prompt_ids))
             if batch and width * (len(batch) + 1) > self.max_num_batched_tokens:
                 break
             batch.append(self.admitted.popleft())
+            rows += request.rows
             longest = width
         if batch:
             self._prefill_batch(batch)
@@ -320,7 +335,8 @@ class StackedOnnxEngine(RowEngine):
                     good.append(request)
                 except RuntimeError:
                     log.warning("request %s: adapter %r is not resident", request.request_id, request.adapter)
-                    request.emit(None, FINISH_ERROR)
+                    for member in (request, *request.forks):
+                        member.emit(None, FINISH_ERROR)
             if good:
                 self._prefill_batch(good)
             return
@@ -336,16 +352,39 @@ class StackedOnnxEngine(RowEngine):
         except Exception:
             log.exception("prefill of %d prompts failed; ending those requests", len(requests))
             for request in requests:
-                request.emit(None, FINISH_ERROR)
+                for member in (request, *request.forks):
+                    member.emit(None, FINISH_ERROR)
             return
         last = np.ascontiguousarray(logits[np.arange(len(requests)), np.asarray(lengths) - 1], dtype=np.float32)  # [k, vocab]
-        rows = [
-            _Row(request=r, generator=make_generator(r.params), length=n, stop_ids=self.stop_ids_for(r.params))
-            for r, n in zip(requests, lengths)
-        ]
+        rows: list[_Row] = []
+        sample_index: list[int] = []  # the prompt (batch index) each new row continues
+        for b, (request, n) in enumerate(zip(requests, lengths)):
+            if request.prompt_logprobs is not None:  # position p's logits score prompt token p+1
+                scored = self._prompt_logprobs(request.prompt_ids, torch.from_numpy(np.ascontiguousarray(logits[b, : n - 1], dtype=np.float32)), 0, request.prompt_logprobs)
+                self._deliver_prompt_logprobs(request, [None, *scored])
+            if request.params.max_tokens == 0:  # scoring only
+                request.emit(None, FINISH_LENGTH)
+            else:
+                rows.append(_Row(request=request, generator=make_generator(request.params), length=n, stop_ids=self.stop_ids_for(request.params)))
+                sample_index.append(b)
+            for fork in request.forks:  # n > 1: a row per fork, starting from this prompt's K/V
+                if fork.cancelled:
+                    fork.emit(None, fork.cancel_reason)
+                    continue
+                rows.append(_Row(request=fork, generator=make_generator(fork.params), length=n, stop_ids=self.stop_ids_for(fork.params)))
+                sample_index.append(b)
+        if not rows:
+            return
+        if sample_index != list(range(len(requests))):
+            # the new rows' K/V: rows [first, first + len(rows)) get their prompt's (a copy is
+            # taken first, so a source overwritten by an earlier destination is still intact)
+            dst = first + np.arange(len(rows))
+            src = first + np.asarray(sample_index)
+            for buffer in self.kv:
+                buffer[dst, :, :width] = buffer[src, :, :width]
         for row in rows:  # joined before sampling: a row that ends at once leaves through _keep_rows
             self._join(row)
-        self._sample_and_accept(rows, torch.from_numpy(last))
+        self._sample_and_accept(rows, torch.from_numpy(last[sample_index]))
 
     def decode(self) -> None:
         """One token for every running row, all adapters, one forward, K/V written in place."""

@@ -18,6 +18,10 @@ Rules (each one closes a race that gave 500s; docs/reliability.md):
   as a new engine copy beside the old one; requests switch to it at once, requests already
   running finish on the old copy, which leaves the engine when its last one releases. The
   resident copy keeps serving when the new one is refused. Never unload first.
+* A weighted mix (``acquire_many``) holds all its members or none. Members that must be loaded
+  are loaded by one mix at a time (``_mix_lock``): a mix holding some of its members while it
+  waits for a slot is the only holder that is not a running request, so two mixes can never
+  wait on each other's slots.
 
 Engine copies are named ``<adapter>`` or, while an older copy is still in use, ``<adapter>@<n>``
 ('@' is not allowed in adapter names). Used from the asyncio event loop only. Knows nothing of
@@ -29,12 +33,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Awaitable, Callable, Iterable, Mapping, Protocol
+from typing import Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
-from loraplex.server.errors import AdapterInvalid, AdapterNotFound, LoraplexError, Overloaded
+from loraplex.server.errors import AdapterInvalid, AdapterNotFound, LoraplexError, Overloaded, RequestInvalid
 from loraplex.server.store.validation import BaseShapes, ValidatedAdapter, load_validated_adapter, resolve_adapter_path
 from loraplex.server.store import AdapterStore
 from loraplex.server.store.fingerprint import StoreSignature, content_digest, signature
@@ -174,6 +179,7 @@ class AdapterRegistry:
         # events: loaded (entry.load_seconds set), failed (entry.error set), evicted, unloaded, republished
         self.on_event = on_event or (lambda kind, entry: None)
         self._install_lock = asyncio.Lock()  # every change to what the engine holds
+        self._mix_lock = asyncio.Lock()  # one mix at a time loads members while holding others
         self._slot_freed = asyncio.Event()  # replaced at each signal: waiters keep the one they saw
         self._background: set[asyncio.Future] = set()
         self._removals: set[asyncio.Future] = set()  # old copies and pending unloads on their way out
@@ -231,6 +237,79 @@ class AdapterRegistry:
         copy.users += 1
         entry.last_used = time.monotonic()
         return Lease(entry, copy)
+
+    async def acquire_many(self, names: Sequence[str], *, wait: float | None = None) -> list[Lease]:
+        """Leases on every adapter of a weighted mix, in ``names`` order: all members resident
+        and pinned, or (on any error, or when cancelled) none pinned.
+
+        When every member is already usable they are pinned at once (no await). Otherwise the
+        mix waits its turn for ``_mix_lock`` (at most ``wait`` seconds, default
+        ``--adapter-wait-timeout``, then Overloaded), pins every member and loads the missing ones
+        on demand with exactly ``acquire``'s rules (validation, eviction of idle adapters, each
+        load waiting at most ``--adapter-wait-timeout`` for a slot, then Overloaded: 429, never
+        the adapter's failure). RequestInvalid (400) for no names, a name twice, or
+        more members than ``--max-loras`` (they could never be resident together);
+        AdapterNotFound for an unknown member (before anything is pinned)."""
+        names = list(names)
+        if not names:
+            raise RequestInvalid("a mix needs at least one adapter", param="adapters")
+        twice = [name for name, count in Counter(names).items() if count > 1]
+        if twice:
+            raise RequestInvalid(f"a mix names adapter {twice[0]!r} twice", param="adapters")
+        if len(names) > self.max_loras:
+            raise RequestInvalid(
+                f"the mix combines {len(names)} adapters but at most {self.max_loras} can be resident at once (--max-loras {self.max_loras})",
+                param="adapters",
+            )
+        entries = [self.get(name) for name in names]
+        if all(entry.usable for entry in entries):
+            return [self._lease(entry) for entry in entries]
+        limit = self.wait_timeout if wait is None else wait
+        try:
+            await asyncio.wait_for(self._mix_lock.acquire(), limit)
+        except TimeoutError:
+            self.overloads += 1
+            raise Overloaded(
+                f"the mix {'+'.join(names)} waited {limit:g}s (--adapter-wait-timeout) while other mixes loaded their adapters "
+                f"(--max-loras {self.max_loras}): retry later"
+            ) from None
+        try:
+            for entry in entries:
+                entry.refcount += 1  # pinned: a member loaded first is not evicted for a later one
+            try:
+                while not all(entry.usable for entry in entries):
+                    for entry in entries:
+                        while not entry.usable:
+                            await self._ensure_resident(entry)  # Overloaded after --adapter-wait-timeout without a slot
+            except BaseException:
+                for entry in entries:
+                    self._unpin(entry)
+                raise
+        finally:
+            self._mix_lock.release()
+        # every member pinned above and usable: count one request on each current copy
+        leases = []
+        for entry in entries:
+            copy = entry.copy
+            assert copy is not None
+            copy.users += 1
+            entry.last_used = time.monotonic()
+            leases.append(Lease(entry, copy))
+        return leases
+
+    def _lease(self, entry: AdapterEntry) -> Lease:
+        """Pin a usable entry and count one request on its current copy (no await)."""
+        entry.refcount += 1
+        copy = entry.copy
+        assert copy is not None
+        copy.users += 1
+        entry.last_used = time.monotonic()
+        return Lease(entry, copy)
+
+    async def release_many(self, leases: Sequence[Lease]) -> None:
+        """Give back every lease of a mix (each once; safe to call again)."""
+        for lease in leases:
+            await self.release(lease)
 
     async def release(self, lease: Lease) -> None:
         if lease.released:

@@ -2,7 +2,8 @@
 
 The manifest is optional (a plain peft folder is a valid adapter); when present it records the
 base fingerprint the adapter was trained on, the sha256 of its weights, how it was trained and
-how it scored. Unknown keys written by newer versions are kept on round-trip.
+how it scored. A named mix (``loraplex adapters mix``, ``store/mix.py``) records its recipe in
+``mix``. Unknown keys written by newer versions are kept on round-trip.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,6 +35,33 @@ class EvalMetrics(BaseModel):
     base_eval_loss: float | None = None
 
 
+class MixMember(BaseModel):
+    """One member of a named mix as it was when the mix was written."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+    weight: float
+    rank: int = Field(gt=0)  # the member's largest module rank
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # config + weights + manifest (store/fingerprint.py)
+    base_fingerprint: str | None = None  # from the member's manifest (None: a plain peft folder)
+
+
+class MixRecipe(BaseModel):
+    """How a named mix was made: its members with their weights, combined by rank concatenation
+    (``cat``: A stacked, B scaled by weight and the member's own LoRA scale)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    combination: Literal["cat"] = "cat"
+    members: tuple[MixMember, ...] = Field(min_length=1)
+
+    @property
+    def label(self) -> str:
+        return "+".join(f"{m.name}:{m.weight:g}" if float(f"{m.weight:g}") == m.weight else f"{m.name}:{m.weight!r}" for m in self.members)
+
+
 class AdapterManifest(BaseModel):
     """The loraplex manifest (``loraplex.json``) of one adapter."""
 
@@ -51,6 +79,7 @@ class AdapterManifest(BaseModel):
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     training_args: dict[str, Any] = Field(default_factory=dict)
     metrics: EvalMetrics | None = None
+    mix: MixRecipe | None = None  # set for a named mix (method "mix")
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     loraplex_version: str = ""
 

@@ -18,6 +18,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 
 from loraplex.server.api.http.deps import credential_of, service_of
 from loraplex.server.errors import AdapterInvalid, AdapterNotFound, LoraplexError, PermissionDenied
+from loraplex.server.mixes import MAX_MIX_WEIGHT
 from loraplex.server.store import read_manifest
 from loraplex.server.ui.training import TrainForm, TrainingJobs
 
@@ -67,6 +68,9 @@ async def session(request: Request):
         "backend": settings.backend,
         "max_model_len": settings.max_model_len,
         "training_allowed": bool(settings.ui_allow_training),
+        # the playground's mix column keeps its sliders inside the server's limits (server/mixes.py)
+        "max_mix_adapters": settings.max_mix_adapters,
+        "max_mix_weight": MAX_MIX_WEIGHT,
     }
 
 
@@ -185,6 +189,12 @@ async def train_start(form: TrainForm, request: Request):
 @router.get("/ui/api/train/jobs")
 async def train_jobs(request: Request):
     return {"data": _jobs(request).describe()}
+
+
+@router.post("/ui/api/train/jobs/{job_id}/stop")
+async def train_stop(job_id: str, request: Request):
+    """Stop a running job (the trainer is terminated; nothing reaches the store)."""
+    return await _jobs(request).stop(job_id)
 
 
 @router.get("/ui/favicon.ico")

@@ -2,7 +2,9 @@
 validated by the trainer's own record reader in a subprocess, ``loraplex.training.inspect_data``),
 one ``train-adapter`` subprocess at a time
 writing into the store (it publishes atomically, so the registry's next scan lists the new
-adapter), and its progress (step, loss, ETA) read from the trainer's progress bar on stderr.
+adapter), its progress (step, loss, ETA) read from the trainer's progress bar on stderr, and
+stopping it (SIGTERM, then SIGKILL after ``STOP_GRACE_SECONDS``; the trainer stages into the
+store only after its last step, so a stopped run publishes nothing).
 
 Files are chosen by id (``demo:<file>`` or ``upload:<id>``), never by a client-given path.
 Knows nothing of HTTP beyond raising loraplex errors, and never imports the training package
@@ -37,6 +39,8 @@ MAX_UPLOADS = 20
 UPLOAD_SUFFIXES = (".jsonl", ".json", ".csv")
 MAX_STEPS = 5000
 LOG_TAIL = 30
+#: how long a stopped trainer gets after SIGTERM before SIGKILL
+STOP_GRACE_SECONDS = 10.0
 
 _PROGRESS = re.compile(r"(\d+)/(\d+) \[([0-9:]+)<([0-9:?]+)")
 _LOSS = re.compile(r"(?<![a-z_])loss=([0-9.eE+-]+)")
@@ -76,7 +80,7 @@ class TrainJob:
     form: dict[str, Any]
     argv: list[str]
     started: float = field(default_factory=time.time)
-    state: str = "starting"  # starting -> training -> finishing -> succeeded | failed
+    state: str = "starting"  # starting -> training -> finishing -> succeeded | failed | stopped
     step: int = 0
     total: int = 0
     eta_seconds: float | None = None
@@ -88,6 +92,7 @@ class TrainJob:
     error: str | None = None
     returncode: int | None = None
     finished: float | None = None
+    stop_requested: bool = False
     process: asyncio.subprocess.Process | None = field(default=None, repr=False)
 
     def progress(self, line: str) -> bool:
@@ -99,7 +104,8 @@ class TrainJob:
         self.step, self.total = int(found.group(1)), int(found.group(2))
         self.elapsed_seconds = _seconds(found.group(3))
         self.eta_seconds = _seconds(found.group(4))
-        self.state = "training" if self.step < self.total else "finishing"
+        if not self.stop_requested:
+            self.state = "training" if self.step < self.total else "finishing"
         loss = _LOSS.search(line)
         if loss:
             self.loss = float(loss.group(1))
@@ -250,6 +256,8 @@ class TrainingJobs:
             job.state, job.error, job.finished = "failed", f"could not start train-adapter: {exc}", time.time()
             return
         job.process = proc
+        if job.stop_requested:  # stopped while the subprocess was being started
+            self._signal(job)
         buffer = ""
         assert proc.stdout is not None
         while chunk := await proc.stdout.read(4096):
@@ -261,11 +269,50 @@ class TrainingJobs:
         job.feed(buffer)
         job.returncode = await proc.wait()
         job.finished = time.time()
-        if job.returncode == 0 and (self.store.root / job.name).is_dir():
-            job.state = "succeeded"
+        published = (self.store.root / job.name).is_dir()  # start() refused a name already there
+        if published and (job.returncode == 0 or job.stop_requested):
+            job.state = "succeeded"  # with a stop: it came after the trainer had published
+        elif job.stop_requested:
+            job.state, job.error = "stopped", None
+            # killed while staging (after its last step): drop the half-written hidden folder
+            for leftover in self.store.root.glob(f".tmp-{job.name}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         else:
             job.state = "failed"
             job.error = job.error or f"train-adapter exited with {job.returncode}"
+
+    async def stop(self, job_id: str) -> dict[str, Any]:
+        """Stop a running job: SIGTERM now, SIGKILL if it is still there after the grace period.
+        The job ends as ``stopped`` (or ``succeeded`` if the trainer had already published).
+        Stopping a finished job changes nothing."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise AdapterNotFound(f"no training job {job_id!r} (GET /ui/api/train/jobs lists them)", param="job_id")
+        if job.finished is None and not job.stop_requested:
+            job.stop_requested = True
+            job.state = "stopping"
+            if job.process is not None:
+                self._signal(job)
+        return job.describe()
+
+    def _signal(self, job: TrainJob) -> None:
+        assert job.process is not None
+        try:
+            job.process.terminate()
+        except ProcessLookupError:
+            return
+        task = asyncio.create_task(self._kill_later(job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @staticmethod
+    async def _kill_later(job: TrainJob) -> None:
+        await asyncio.sleep(STOP_GRACE_SECONDS)
+        if job.finished is None and job.process is not None:
+            try:
+                job.process.kill()
+            except ProcessLookupError:
+                pass
 
     def describe(self) -> list[dict[str, Any]]:
         return [j.describe() for j in sorted(self.jobs.values(), key=lambda j: j.started, reverse=True)]

@@ -2,6 +2,7 @@
 
     loraplex serve --adapters-dir /tmp/store --ui-allow-training &   # a copy of adapters/
     .venv/bin/python -m tests.browser.screenshots --url http://127.0.0.1:8000 --out docs/img
+    .venv/bin/python -m tests.browser.screenshots --views playground   # only ui-playground.png
 
 Uses Debian's chromium like the tests. With --train it also starts a short training job on the
 server (it publishes a new adapter into that server's store: point it at a copy of adapters/).
@@ -13,6 +14,9 @@ import argparse
 import time
 from pathlib import Path
 
+VIEWS = ("adapters", "detail", "live", "playground", "train")
+#: the playground's mix column in the screenshot (adapters from adapters/)
+MIX = {"extract": "0.7", "datefmt": "0.3"}
 PROMPT = "Extract the order as JSON with the keys item, quantity, size and city.\nOrder: Please send three large coffees to Boston."
 
 
@@ -25,7 +29,12 @@ def main() -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--out", default="docs/img")
     parser.add_argument("--train", action="store_true")
+    parser.add_argument("--views", default=",".join(VIEWS), help=f"comma-separated, of {','.join(VIEWS)}")
     args = parser.parse_args()
+    views = set(args.views.split(","))
+    unknown = views - set(VIEWS)
+    if unknown:
+        parser.error(f"unknown views {sorted(unknown)}; choose from {','.join(VIEWS)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
@@ -40,13 +49,15 @@ def main() -> None:
             if row.locator("[data-action=load]").count():
                 row.locator("[data-action=load]").click()
                 page.wait_for_selector(f"#adapter-table tr[data-adapter='{name}'] .state.resident")
-        page.screenshot(path=str(out / "ui-adapters.png"))
+        if "adapters" in views:
+            page.screenshot(path=str(out / "ui-adapters.png"))
 
         page.locator("#adapter-table tr[data-adapter='sentiment'] [data-action=details]").click()
         page.wait_for_selector("#detail-samples table.samples")
         page.wait_for_timeout(500)
         page.locator("#adapter-detail").scroll_into_view_if_needed()
-        page.screenshot(path=str(out / "ui-detail.png"))
+        if "detail" in views:
+            page.screenshot(path=str(out / "ui-detail.png"))
 
         live = context.new_page()
         live.goto(args.url + "/ui")
@@ -59,11 +70,18 @@ def main() -> None:
         page.fill("#play-max-tokens", "48")
         for box in page.locator("#play-models input").all():
             box.set_checked(True)
+        for name, weight in MIX.items():
+            page.locator(f"#play-mix-members .mix-member[data-adapter='{name}'] .mix-weight").fill(weight)
         page.click("#play-run")
         time.sleep(10)  # a few polls while the columns decode together
-        live.screenshot(path=str(out / "ui-live.png"))
+        if "live" in views:
+            live.screenshot(path=str(out / "ui-live.png"))
         page.wait_for_selector("#play-columns[data-done='1']", state="attached")
-        page.screenshot(path=str(out / "ui-playground.png"))
+        if "playground" in views:
+            page.screenshot(path=str(out / "ui-playground.png"), full_page=True)  # the mix column wraps below
+        if "train" not in views:
+            browser.close()
+            return
 
         page.click("#tabs button[data-tab=train]")
         page.wait_for_selector("#train-file option", state="attached")

@@ -149,8 +149,10 @@ def test_detail_view_shows_report_loss_curve_and_predictions(page, console):
     assert httpx.get(console.url + "/ui/static/..%2Findex.html").status_code == 404
 
 
-def _api_answer(srv, model, mode):
+def _api_answer(srv, model, mode, adapters=None):
     body = {"model": model, "temperature": 0, "max_tokens": MAX_TOKENS, "top_p": 1}
+    if adapters is not None:
+        body["adapters"] = adapters
     if mode == "chat":
         body["messages"] = [{"role": "user", "content": PROMPT}]
         reply = httpx.post(srv.url + "/v1/chat/completions", json=body, headers=_auth(srv.admin), timeout=120).json()
@@ -313,3 +315,127 @@ def test_stopping_the_server_stops_its_training_run(tiny_base, tmp_path):
         time.sleep(0.2)
     assert _processes_writing(store / "long") == []
     assert not (store / "long").exists()
+
+
+def _playground(page, srv, mode, columns):
+    """Log in as admin, open the playground with a greedy prompt and only ``columns`` ticked."""
+    _login(page, srv, srv.admin)
+    page.click("#tabs button[data-tab=playground]")
+    page.select_option("#play-mode", mode)
+    page.fill("#play-prompt", PROMPT)
+    page.fill("#play-temperature", "0")
+    page.fill("#play-max-tokens", str(MAX_TOKENS))
+    for box in page.locator("#play-models input").all():
+        box.set_checked(box.get_attribute("value") in columns)
+
+
+def _mix_row(page, name):
+    return page.locator(f"#play-mix-members .mix-member[data-adapter='{name}']")
+
+
+def test_mix_column_streams_the_weighted_mix_set_by_the_sliders(page, console):
+    _playground(page, console, "completion", ["alpha"])
+    sent: list[dict] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" and r.url.endswith("/v1/completions") else None)
+    # alpha: the slider, moved from 1 with the keyboard as a person would (6 steps of 0.05 down)
+    _mix_row(page, "alpha").locator(".mix-slider").focus()
+    for _ in range(6):
+        page.keyboard.press("ArrowLeft")
+    # gamma: typed into the number box, which moves the slider too
+    _mix_row(page, "gamma").locator(".mix-weight").fill("-0.35")
+    assert _mix_row(page, "alpha").locator(".mix-weight").input_value() == "0.7"
+    assert _mix_row(page, "gamma").locator(".mix-slider").input_value() == "-0.35"
+    assert _mix_row(page, "alpha").locator(".mix-on").is_checked() and _mix_row(page, "gamma").locator(".mix-on").is_checked()
+    assert not _mix_row(page, "beta").locator(".mix-on").is_checked()
+    # the sliders stop at the server's limit (server/mixes.py MAX_MIX_WEIGHT)
+    assert _mix_row(page, "beta").locator(".mix-slider").get_attribute("max") == "8"
+    assert _mix_row(page, "beta").locator(".mix-slider").get_attribute("min") == "-8"
+    page.click("#play-run")
+    try:
+        page.wait_for_selector("#play-columns[data-done='1']", state="attached", timeout=120_000)
+    finally:
+        page.shot("playground-mix")
+    columns = page.locator("#play-columns .column")
+    assert columns.evaluate_all("cs => cs.map(c => c.dataset.model)") == ["alpha", "mix"]
+    mix = page.locator("#play-columns .column[data-model='mix']")
+    assert mix.get_attribute("data-state") == "done", mix.inner_text()
+    assert mix.get_attribute("data-mix") == "alpha:0.7+gamma:-0.35"
+    # the weights the sliders set are what the server got, in the body field `adapters`
+    mixed = [body for body in sent if "adapters" in body]
+    assert len(mixed) == 1 and len(sent) == 2
+    assert mixed[0]["model"] == "tiny"
+    assert mixed[0]["adapters"] == [{"name": "alpha", "weight": 0.7}, {"name": "gamma", "weight": -0.35}]
+    # the column's text is the API's greedy answer to the same mix, in both request forms
+    expected, tokens = _api_answer(console, "tiny", "completion", adapters=[{"name": "alpha", "weight": 0.7}, {"name": "gamma", "weight": -0.35}])
+    compact, _ = _api_answer(console, "alpha:0.7+gamma:-0.35", "completion")
+    shown = mix.locator(".output").text_content()
+    assert shown == expected == compact
+    assert mix.locator(".tokens").inner_text() == f"{tokens} tokens"
+    assert re.fullmatch(r"\d+ ms", mix.locator(".latency").inner_text())
+    assert shown != _api_answer(console, "alpha", "completion")[0]  # the mix is not just alpha
+    assert page.locator("#play-columns .column[data-model='alpha'] .output").text_content() == _api_answer(console, "alpha", "completion")[0]
+
+
+def test_refused_mix_shows_the_servers_message(page, console):
+    _playground(page, console, "chat", [])
+    _mix_row(page, "alpha").locator(".mix-on").check()
+    _mix_row(page, "beta").locator(".mix-weight").fill("0")  # in the sliders' range, refused by the server
+    page.click("#play-run")
+    page.wait_for_selector("#play-columns[data-done='1']", state="attached", timeout=120_000)
+    mix = page.locator("#play-columns .column[data-model='mix']")
+    assert mix.get_attribute("data-state") == "error"
+    body = {"model": "tiny", "adapters": [{"name": "alpha", "weight": 1}, {"name": "beta", "weight": 0}],
+            "messages": [{"role": "user", "content": PROMPT}], "max_tokens": MAX_TOKENS}
+    refused = httpx.post(console.url + "/v1/chat/completions", json=body, headers=_auth(console.admin), timeout=120)
+    assert refused.status_code == 400
+    message = refused.json()["error"]["message"]
+    assert "adapters[1].weight is 0" in message
+    assert mix.locator(".error").inner_text() == message
+    assert mix.locator(".stats .refused").inner_text() == "refused by the server: HTTP 400"
+    page.shot("playground-mix-refused")
+    # one adapter is not a mix: said on the page, nothing sent
+    _mix_row(page, "beta").locator(".mix-on").uncheck()
+    page.click("#play-run")
+    assert "at least 2 adapters" in page.inner_text("#play-mix-error")
+    assert page.locator("#play-columns .column").count() == 0
+
+
+def test_stop_button_ends_a_training_run_and_publishes_nothing(page, console, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"input": f"q{i}", "output": f"a{i}"}) + "\n" for i in range(20)))
+    _login(page, console, console.admin)
+    page.click("#tabs button[data-tab=train]")
+    page.wait_for_selector("#train-file option", state="attached")
+    page.set_input_files("#train-upload", str(data))
+    page.wait_for_function("document.querySelector('#train-upload-status').textContent.startsWith('20 records')")
+    page.fill("#train-name", "stopme")
+    page.fill("#train-steps", "5000")
+    page.fill("#train-rank", "4")
+    page.click("#train-start")
+    job = page.locator("#train-jobs .job").first
+    # the trainer is stepping (its progress bar says step 1 or more)
+    page.wait_for_function("/step [1-9][0-9]*\\/5000/.test((document.querySelector('#train-jobs .job[data-state=training]') || {}).textContent || '')", timeout=180_000)
+    assert job.locator(".job-stop").count() == 1
+    pids = _processes_writing(console.store / "stopme")
+    assert pids, "train-adapter is not running"
+    job.locator(".job-stop").click()
+    page.wait_for_selector("#train-jobs .job[data-state=stopped]", timeout=60_000)
+    page.shot("train-stopped")
+    assert "nothing was written" in job.inner_text()
+    assert job.locator(".job-stop").count() == 0
+    described = httpx.get(console.url + "/ui/api/train/jobs", headers=_auth(console.admin)).json()["data"][0]
+    assert described["name"] == "stopme" and described["state"] == "stopped"
+    assert described["returncode"] not in (None, 0)
+    assert 1 <= described["step"] < 5000
+    # the process is gone, and nothing of it is in the store: no adapter, no hidden staging folder
+    # (the trainer's own checkpoint folder .runs/stopme may stay, as for any train-adapter run)
+    assert _processes_writing(console.store / "stopme") == []
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
+    assert [p.name for p in console.store.iterdir() if "stopme" in p.name] == []
+    assert httpx.get(console.url + "/v1/adapters/stopme", headers=_auth(console.admin)).status_code == 404
+    # stopping again changes nothing; an unknown job is a 404
+    again = httpx.post(console.url + f"/ui/api/train/jobs/{described['id']}/stop", headers=_auth(console.admin))
+    assert again.status_code == 200 and again.json()["state"] == "stopped"
+    assert httpx.post(console.url + "/ui/api/train/jobs/nope/stop", headers=_auth(console.admin)).status_code == 404
+    assert httpx.post(console.url + f"/ui/api/train/jobs/{described['id']}/stop", headers=_auth(console.user)).status_code == 403

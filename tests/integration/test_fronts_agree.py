@@ -84,3 +84,27 @@ def test_the_same_requests_reach_the_same_finish_reasons(server):
             assert http["usage"]["completion_tokens"] < 2040 and reply.usage.completion_tokens < 2040
         else:
             assert http["usage"]["completion_tokens"] == reply.usage.completion_tokens
+
+
+def test_the_same_issue_11_fields_give_the_same_choices_and_logprobs_on_both_fronts(server):
+    """n, seeds per choice, penalties, logit_bias and logprobs through both fronts: the same
+    tokens, the same logprob values, the same usage; and the same out-of-range value refused on
+    both, naming the field."""
+    bearer = f"Bearer {server.secret}"
+    fields = {"max_tokens": 3, "temperature": 1.0, "seed": 5, "n": 2, "logprobs": 1, "presence_penalty": 0.5, "frequency_penalty": 0.25, "repetition_penalty": 1.25}
+    http = _http(server, bearer, **fields, logit_bias={"17": 2.0}).json()
+    metadata = (("authorization", bearer),)
+    params = pb.SamplingParams(ignore_eos=True, **fields)
+    params.logit_bias[17] = 2.0
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        reply = pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(adapter="", prompt_token_ids=PROMPT, sampling=params), metadata=metadata, timeout=120)
+    assert reply.usage.completion_tokens == http["usage"]["completion_tokens"] == 6
+    for choice, h in zip(reply.choices, http["choices"]):
+        assert [s.token for s in choice.logprobs] == h["logprobs"]["tokens"]
+        assert [s.logprob for s in choice.logprobs] == h["logprobs"]["token_logprobs"]
+    for bad in ({"top_p": 1.5}, {"presence_penalty": 3.0}, {"n": 99}, {"logprobs": 21}):
+        name = next(iter(bad))
+        assert _http(server, bearer, **bad).json()["error"]["param"] == name
+        with grpc.insecure_channel(server.grpc_address) as channel, pytest.raises(grpc.RpcError) as failed:
+            pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(adapter="", prompt_token_ids=PROMPT, sampling=pb.SamplingParams(max_tokens=2, **bad)), metadata=metadata, timeout=60)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"(field: {name})" in failed.value.details()

@@ -199,3 +199,32 @@ def test_adapter_file_round_trip(fp32_export, adapters, tiny_base):
     assert module.scale == 1.0 and module.a.shape == a.shape
     assert np.allclose(module.a.numpy(), a.numpy()) and np.allclose(module.b.numpy(), scale * b.numpy(), rtol=1e-6)
     assert os.stat(fp32_export / "attn.onnx_adapter").st_mode & 0o044  # readable by the serving user
+
+
+def test_int4_weights_served_equal_the_training_round_trip(tiny_base, tmp_path):
+    """``train-adapter --quantization_aware onnx-int4`` trains on exactly the base weights the
+    int4 export computes with: every MatMulNBits initializer of a real export, dequantized
+    (server/onnx/int4_reference.py), equals the torch base after apply_onnx_int4_weights, bit for
+    bit, and nothing else is quantized."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loraplex.server.onnx.int4_reference import dequantized_weights
+    from loraplex.training.quantization import apply_onnx_int4_weights
+
+    out = tmp_path / "int4"
+    assert loraplex_main(["export-onnx", "--model_name_or_path", str(tiny_base), "--output_path", str(out)]) == 0
+    served = dequantized_weights(out)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_base))
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    changed = apply_onnx_int4_weights(model)
+    assert sorted(served) == sorted(f"{name}.weight" for name in changed)
+    assert "lm_head.weight" in served and len(served) == 2 * 7 + 1  # 2 layers x 7 projections + lm_head
+    state = model.state_dict()
+    for name, values in served.items():
+        assert torch.equal(state[name], torch.from_numpy(values)), name
+        assert not torch.equal(state[name], original[name])  # really quantized
+    # the tied embedding follows lm_head (the export gathers rows of the same int4 tensor)
+    assert torch.equal(state["model.embed_tokens.weight"], state["lm_head.weight"])
+    untouched = [k for k in state if k not in served and k != "model.embed_tokens.weight"]
+    assert untouched and all(torch.equal(state[k], original[k]) for k in untouched)

@@ -144,7 +144,7 @@ def test_sampling_seed_is_reproducible_and_stop_strings_cut(server, tokenizer, o
         ({"model": "a", "prompt": "x", "max_tokens": 300}, 400, "max_tokens", "prompt has 1 tokens and max_tokens is 300: 301 > --max-model-len 256"),
         ({"model": "a", "prompt": "x", "temperature": 5}, 400, "temperature", "temperature must be in [0, 2], got 5.0"),
         ({"model": "a", "prompt": "x", "top_p": 0}, 400, "top_p", "top_p must be in (0, 1]"),
-        ({"model": "a", "prompt": "x", "n": 2}, 400, "n", "n=2 is not supported"),
+        ({"model": "a", "prompt": "x", "n": 99}, 400, "n", "n must be <= 8, got 99"),
         ({"model": "a", "prompt": [1, 10**9]}, 400, "prompt", "outside the vocabulary"),
         ({"model": "a"}, 400, "prompt", "Field required"),
         ({"model": "a", "prompt": "x", "max_tokens": "many"}, 400, "max_tokens", "valid integer"),

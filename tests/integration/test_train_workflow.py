@@ -156,6 +156,19 @@ def test_packing_trains_and_counts_examples(tmp_path, tiny_base, label_data):
     assert report["global_step"] == 3 and all(h["loss"] > 0 for h in report["log_history"] if "loss" in h)
 
 
+def test_quantization_aware_training_sees_the_int4_base(tmp_path, tiny_base, label_data):
+    """--quantization_aware onnx-int4: the base is scored (and trained) on its int4 round trip, so
+    its eval loss differs from the float base's; the report says what was quantized."""
+    plain = _train(tmp_path, tiny_base, label_data, "plain", "--max_steps", "2", "--seed", "3")
+    aware = _train(tmp_path, tiny_base, label_data, "aware", "--max_steps", "2", "--seed", "3", "--quantization_aware", "onnx-int4")
+    plain_report = json.loads((plain / "training_report.json").read_text())
+    aware_report = json.loads((aware / "training_report.json").read_text())
+    assert aware_report["quantization_aware"] == {"target": "onnx-int4", "modules": 2 * 7 + 1, "block_size": 32}
+    assert plain_report["quantization_aware"]["target"] == "none"
+    assert aware_report["config"]["quantization_aware"] == "onnx-int4"
+    assert abs(aware_report["base_eval_loss"] - plain_report["base_eval_loss"]) > 1e-6
+
+
 def test_wandb_without_the_package_is_a_clear_error(tmp_path, tiny_base, label_data, capsys, monkeypatch):
     import importlib.util
 
@@ -171,6 +184,7 @@ def test_wandb_without_the_package_is_a_clear_error(tmp_path, tiny_base, label_d
     (["--weight_decay", "-1"], "--weight_decay must be >= 0"),
     (["--bf16", "maybe"], "invalid choice: 'maybe'"),
     (["--data_name", "x/y"], "give --data_files or --data_name, not both"),
+    (["--quantization_aware", "onnx-int4", "--method", "qlora"], "--quantization_aware onnx-int4 replaces the base weights"),
 ])
 def test_new_flag_errors(tmp_path, label_data, capsys, flags, fragment):
     argv = ["--data_files", str(label_data), "--output_path", str(tmp_path / "adapters/a"), *flags]

@@ -38,6 +38,42 @@ def test_bench_against_a_url_runs_no_baseline_and_reports_ceilings(tiny_base, tm
     assert report["phases"]["burst"]["requests"] == 3 and report["ratios"]["burst_ttft_p99_over_p50"] >= 1.0
 
 
+def test_bench_constrained_and_mix_composition_phases(tiny_base, tmp_path):
+    """--phases constrained,mixcomp alone: response_format json_schema on every request vs free;
+    every third request a 2-adapter mix (body field "adapters") vs the same requests on single
+    adapters; all served without errors, the ratios and the per-token overhead reported."""
+    from loraplex.server.bench import mix_models
+
+    singles, with_mixes = mix_models(["a0", "a1", "a2"], 6)
+    assert singles == ["a0", "a1", "a2", "a0", "a1", "a2"]
+    assert with_mixes == ["a0", "a1", "a2:0.7+a0:0.3", "a0", "a1", "a2:0.7+a0:0.3"]
+    store = tmp_path / "adapters"
+    store.mkdir()
+    for i in range(3):
+        make_random_adapter(tiny_base, store / f"a{i}", seed=40 + i, r=2)
+    out = tmp_path / "out"
+    with ServerProcess(tiny_base, store, "--max-batch-size", "6") as srv:
+        code = loraplex_main(["bench", "--url", srv.url, "--base", str(tiny_base), "--adapters-dir", str(store), "--concurrency", "3", "--requests", "6",
+                              "--prompt-tokens", "4", "--output-tokens", "3", "--repeats", "1", "--phases", "constrained,mixcomp", "--no-ceilings",
+                              "--output", str(out)])
+    assert code == 0
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["phases"]) == {"singles", "with_mixes", "constrained", "unconstrained"}
+    for name, phase in report["phases"].items():
+        assert phase["errors"] == 0 and phase["requests"] == 6 and phase["output_tokens"] == 18, name
+    assert report["ratios"]["mixes_over_singles"] > 0 and report["mixcomp"]["mix_fraction"] == round(2 / 6, 3)
+    # the schema's output is longer than 3 tokens: constrained requests also end by length
+    assert report["ratios"]["constrained_over_free"] > 0 and report["constrained"]["tokens_per_request"] == {"constrained": 3.0, "free": 3.0}
+    assert isinstance(report["constrained"]["overhead_ms_per_token"], float)
+    assert report["ratios"]["mixed_over_base"] is None  # not run
+
+
+def test_bench_phases_flag_refuses_unknown_names(capsys):
+    with pytest.raises(SystemExit):
+        loraplex_main(["bench", "--phases", "mixed,warp"])
+    assert "warp" in capsys.readouterr().err
+
+
 def test_model_cost_of_smollm2_135m():
     """0.27 GFLOP per token for SmolLM2-135M (issue 15's figure), from its config alone."""
     from loraplex.server.bench_ceilings import model_cost

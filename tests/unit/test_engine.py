@@ -130,7 +130,8 @@ def test_many_new_prompts_are_prefilled_in_one_step(tiny_base, adapters, expecte
 
 
 def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters):
-    """At bf16 the engine and peft round differently (fused LoRA, another summation order), so
+    """Mixed prefill+decode steps at bf16 (counted, so the coverage cannot silently vanish).
+    At bf16 the engine and peft round differently (fused LoRA, another summation order), so
     tokens are checked against peft's bf16 logits with a tolerance (see check_greedy_within).
     The tolerance is measured, not guessed: twice the largest gap between peft's own bf16 and
     fp32 logits on the same tokens (two bf16 computations each within that noise of the exact
@@ -138,7 +139,18 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters):
     engine = _engine(tiny_base, adapters, dtype=torch.bfloat16, max_batch_size=8, max_num_batched_tokens=9)
     plan = [(PROMPTS[0], "a"), (PROMPTS[2], "b"), (LONG, "c"), (PROMPTS[1], None), (PROMPTS[4], "a")]
     requests = [_request(str(i), p, ad, 16) for i, (p, ad) in enumerate(plan)]
+    mixed_steps = []  # steps whose one forward held decode rows AND prefill chunks (issue #15)
+    plan_step = engine._plan_step
+
+    def counting_plan():
+        decode, chunks = plan_step()
+        if decode and chunks:
+            mixed_steps.append((len(decode), [n for _, n in chunks]))
+        return decode, chunks
+
+    engine._plan_step = counting_plan
     _run(engine, {0: [r for r, _ in requests[:3]], 2: [r for r, _ in requests[3:]]})
+    assert len(mixed_steps) >= 3, mixed_steps  # the long prompt's chunks and the late arrivals beside decoding rows
     ties = steps = 0
     for (prompt, adapter), (_, sink) in zip(plan, requests):
         assert len(sink.tokens) == 16

@@ -78,3 +78,51 @@ def test_the_catalog_lists_the_store_off_the_loop_once_per_max_age(tmp_path):
     assert [m["id"] for m in models] == ["base", "alpha", "beta"]
     assert [m["state"] for m in models[1:]] == ["available", "available"]
     assert len(listings) == 1 and listings[0] != "MainThread"  # four callers, one listing, in a worker thread
+
+
+def test_token_pieces_give_each_tokens_true_bytes(tokenizer):
+    """A character split over two byte-level tokens: each token's bytes are its own part of the
+    UTF-8 sequence (its text shows U+FFFD), and the parts join to the character."""
+    from loraplex.server.textstream import TokenPieces
+
+    pieces = TokenPieces(tokenizer)
+    ids = tokenizer("日本 <|im_end|>", add_special_tokens=False)["input_ids"]
+    parts = [pieces.piece(i) for i in ids]
+    assert b"".join(bytes(raw) for _, raw in parts) == "日本 <|im_end|>".encode()
+    assert any("\ufffd" in text for text, _ in parts)  # some token holds only part of a character
+    assert parts[-1] == ("<|im_end|>", list(b"<|im_end|>"))
+
+
+def test_choice_seeds_are_seed_plus_index_wrapped_to_int64():
+    from loraplex.server.generation import Plan
+    from loraplex.server.scheduler import SamplingParams
+
+    def plan(seed):
+        return Plan("r", None, None, "base", [1], SamplingParams(seed=seed, temperature=1.0), (), n=3)
+
+    assert [plan(7).choice_params(i).seed for i in range(3)] == [7, 8, 9]
+    assert plan(2**63 - 1).choice_params(1).seed == -(2**63)
+    assert plan(None).choice_params(2).seed is None
+
+
+def test_a_feature_the_backend_lacks_is_refused_naming_the_field_and_the_backend(tokenizer):
+    """The service checks ``Scheduler.features`` before anything reaches the engine."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from loraplex.server.errors import RequestInvalid
+    from loraplex.server.settings import ServerSettings
+
+    settings = ServerSettings(backend="onnx", model="unused", onnx_batching="per-request")
+    scheduler = SimpleNamespace(features=frozenset({"logprobs", "penalties"}))
+    generation = Generation(tokenizer=tokenizer, scheduler=scheduler, registry=None, metrics=None, settings=settings, access=None, activity=None, readiness=None, base_name="base")
+
+    def plan(**fields):
+        return asyncio.run(generation.plan(GenerationRequest(model="base", prompt="x", max_tokens=2, **fields), None, None, None, [1, 2]))
+
+    assert plan(logprobs=3, presence_penalty=0.5).logprobs == 3  # what it has passes
+    for fields, param in (({"n": 2}, "n"), ({"echo": True, "logprobs": 1}, "echo"), ({"guided_regex": "[a-z]+"}, "guided_regex")):
+        with pytest.raises(RequestInvalid) as refused:
+            plan(**fields)
+        assert refused.value.param == param and "the onnx (per-request) backend" in refused.value.message

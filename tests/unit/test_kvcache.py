@@ -89,5 +89,53 @@ def test_attention_over_the_buffers_equals_causal_attention_per_sequence():
 
     run([], [(slots[0], 0, 5), (slots[1], 0, 4), (slots[2], 0, 2)])
     run([slots[0], slots[2]], [(slots[1], 4, 5)])  # decode rows and a chunk at an offset, one step
+    assert cache.plan([], []).decode_in_order  # (an empty plan)
+    run([slots[0], slots[1], slots[2]], [])  # every row decoding, rows in order (no scatter/gather)
     cache.release(slots[0])
     run([slots[2], slots[1]], [])  # a hole at slot 0, decode order != slot order
+
+
+def test_copy_prefix_copies_every_layer_and_leaves_the_rest():
+    torch.manual_seed(1)
+    cache = KvCache(num_layers=3, kv_heads=KV_HEADS, head_dim=D, dtype=torch.float32, device="cpu", max_rows=8, max_len=64, initial_len=4)
+    src, other, dst = cache.allocate(), cache.allocate(), cache.allocate()
+    plan = cache.plan([], [(src, 0, 6), (other, 0, 3)])
+    written = []
+    for layer in range(3):
+        k, v = torch.randn(1, KV_HEADS, 9, D), torch.randn(1, KV_HEADS, 9, D)
+        cache.attend(layer, plan, torch.randn(1, HEADS, 9, D), k, v, 1.0)
+        written.append((k[0, :, :6].clone(), v[0, :, :6].clone()))
+    other_before = [(cache.keys[i][other].clone(), cache.values[i][other].clone()) for i in range(3)]
+    cache.copy_prefix(src, dst, 5)
+    assert cache.lengths[dst] == 5 and cache.lengths[src] == 6
+    for layer, (k, v) in enumerate(written):
+        assert torch.equal(cache.keys[layer][dst, :, :5], k[:, :5])
+        assert torch.equal(cache.values[layer][dst, :, :5], v[:, :5])
+        assert torch.equal(cache.keys[layer][src, :, :6], k) and torch.equal(cache.values[layer][src, :, :6], v)
+        assert torch.equal(cache.keys[layer][other], other_before[layer][0])
+        assert torch.equal(cache.values[layer][other], other_before[layer][1])
+    # the fork decodes on from its copy: its next token attends over the copied prefix
+    plan = cache.plan([dst], [])
+    k_new, v_new = torch.randn(1, KV_HEADS, 1, D), torch.randn(1, KV_HEADS, 1, D)
+    q = torch.randn(1, HEADS, 1, D)
+    out = cache.attend(0, plan, q, k_new, v_new, 1 / math.sqrt(D))[0]
+    k_all = torch.cat([written[0][0][:, :5], k_new[0]], dim=1)
+    v_all = torch.cat([written[0][1][:, :5], v_new[0]], dim=1)
+    torch.testing.assert_close(out.transpose(0, 1), _reference(q[0], k_all, v_all))
+
+
+def test_copy_prefix_refuses_bad_slots_and_lengths():
+    cache = _cache()
+    src, dst = cache.allocate(), cache.allocate()
+    cache.plan([], [(src, 0, 3)])
+    with pytest.raises(ValueError, match="holds 3"):
+        cache.copy_prefix(src, dst, 4)
+    with pytest.raises(ValueError, match="not allocated"):
+        cache.copy_prefix(src, 7, 2)
+    assert cache.lengths[dst] == 0
+    rows_before = cache.rows_cap
+    while (new := cache.allocate()) < rows_before:
+        pass  # a fresh row past the current rows capacity: the copy grows the buffers
+    cache.copy_prefix(src, new, 3)
+    assert cache.rows_cap > rows_before
+    assert cache.lengths[new] == 3 and torch.equal(cache.keys[0][new, :, :3], cache.keys[0][src, :, :3])

@@ -2,8 +2,9 @@
 ``build_runtime``, its scheduler thread running): references are taken atomically with loading,
 only idle adapters are evicted, an engine that refuses an eviction keeps the victim resident in
 both views, an overload waits a bounded time and is never the adapter's failure, and a
-republished adapter is swapped in beside the old copy (never unloaded first). After every test
-the registry and the engine agree (``check_consistent``)."""
+republished adapter is swapped in beside the old copy (never unloaded first), and a weighted
+mix (``acquire_many``) holds all its members or none, and two mixes never wait on each other's
+slots. After every test the registry and the engine agree (``check_consistent``)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import time
 
 import pytest
 
-from loraplex.server.errors import AdapterInvalid, Overloaded
+from loraplex.server.errors import AdapterInvalid, AdapterNotFound, Overloaded, RequestInvalid
 from loraplex.server.registry import AdapterState
 from loraplex.server.settings import ServerSettings
 from loraplex.server.store.fingerprint import signature
@@ -225,3 +226,121 @@ def test_a_refused_republish_keeps_the_resident_copy_serving(make_runtime, tiny_
         await assert_consistent(runtime)
 
     asyncio.run(run())
+
+
+# ------------------------------------------------------------------ weighted mixes (acquire_many)
+def _pins(registry, *names):
+    return [registry.get(name).refcount for name in names]
+
+
+def test_a_mix_holds_every_member_or_none(make_runtime, tiny_base, pool, tmp_path):
+    runtime = make_runtime(max_loras=3)
+    registry = runtime.registry
+    broken = tmp_path / "adapters" / "broken"
+    shutil.copytree(pool["c"], broken)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    registry.scan()
+
+    async def run():
+        with pytest.raises(AdapterInvalid, match="DoRA"):
+            await registry.acquire_many(["a", "broken"])
+        assert _pins(registry, "a", "broken") == [0, 0]
+        assert registry.get("broken").state == AdapterState.FAILED and registry.get("a").state != AdapterState.FAILED
+        with pytest.raises(AdapterNotFound, match="nosuch"):
+            await registry.acquire_many(["b", "nosuch"])
+        assert _pins(registry, "b") == [0]
+        with pytest.raises(RequestInvalid, match="'a' twice"):
+            await registry.acquire_many(["a", "b", "a"])
+        leases = await registry.acquire_many(["b", "a"])
+        assert [lease.name for lease in leases] == ["b", "a"]
+        assert _pins(registry, "a", "b") == [1, 1]
+        assert {lease.engine_name for lease in leases} <= set(await engine_names(runtime))
+        # the members serve as themselves through their leases' engine copies
+        assert await generate(runtime, leases[1].engine_name) == reference_greedy(tiny_base, pool["a"], PROMPT, n=N)
+        again = await registry.acquire_many(["a", "b"])  # all resident: pinned at once
+        assert _pins(registry, "a", "b") == [2, 2]
+        await registry.release_many(leases + again)
+        await registry.release_many(leases)  # a lease is given back once
+        assert _pins(registry, "a", "b") == [0, 0]
+        await assert_consistent(runtime)
+
+    asyncio.run(run())
+    assert ("failed", "a") not in runtime.events
+
+
+def test_a_mix_with_more_members_than_max_loras_is_refused_naming_both_numbers(make_runtime):
+    runtime = make_runtime(max_loras=2)
+    registry = runtime.registry
+
+    async def run():
+        with pytest.raises(RequestInvalid, match=r"combines 3 adapters but at most 2 .*--max-loras 2") as caught:
+            await registry.acquire_many(["a", "b", "c"])
+        assert caught.value.param == "adapters"
+        assert _pins(registry, "a", "b", "c") == [0, 0, 0]
+        assert await engine_names(runtime) == []
+
+    asyncio.run(run())
+
+
+def test_a_mix_waits_a_bounded_time_for_slots_then_429_holding_nothing(make_runtime):
+    """max-loras 2 with c busy: the mix (a, b) gets a but no slot for b within the wait, so it
+    is an Overloaded that pins nothing and fails no adapter; cancelled while waiting, it also
+    pins nothing; once c is released, the waiting mix gets both. A mix waiting for its turn
+    behind another mix's loads also gives up after the wait."""
+    runtime = make_runtime(max_loras=2, adapter_wait_timeout=0.3)
+    registry = runtime.registry
+
+    async def run():
+        held = await registry.acquire("c")
+        started = time.monotonic()
+        with pytest.raises(Overloaded, match="no slot freed within --adapter-wait-timeout 0.3s"):
+            await registry.acquire_many(["a", "b"])
+        waited = time.monotonic() - started
+        assert 0.25 <= waited < 5, waited
+        assert _pins(registry, "a", "b", "c") == [0, 0, 1]
+        assert registry.get("b").error is None and registry.get("b").state == AdapterState.AVAILABLE
+        registry.wait_timeout = 10
+        cancelled = asyncio.create_task(registry.acquire_many(["a", "b"]))
+        await asyncio.sleep(0.2)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert _pins(registry, "a", "b") == [0, 0]
+        waiting = asyncio.create_task(registry.acquire_many(["a", "b"]))
+        await asyncio.sleep(0.2)
+        with pytest.raises(Overloaded, match="waited 0.1s .* while other mixes loaded"):
+            await registry.acquire_many(["b", "a"], wait=0.1)  # its turn comes after the waiting mix
+        assert not waiting.done()
+        await registry.release(held)
+        leases = await asyncio.wait_for(waiting, 10)
+        assert sorted(await engine_names(runtime)) == ["a", "b"] and _pins(registry, "a", "b", "c") == [1, 1, 0]
+        await registry.release_many(leases)
+        await assert_consistent(runtime)
+
+    asyncio.run(run())
+    assert not [e for e in runtime.events if e[0] == "failed"]
+
+
+def test_two_mixes_never_wait_on_each_others_slots(make_runtime, tiny_base, tmp_path):
+    """max-loras 2, mixes (a, b) and (c, d) at once: loaded member by member in parallel, each
+    would hold one slot and wait for the other forever (until both 429). Mixes load one at a
+    time, so both are served, one after the other."""
+    store = tmp_path / "adapters"
+    make_random_adapter(tiny_base, store / "d", seed=41, r=4)
+    runtime = make_runtime(max_loras=2, adapter_wait_timeout=30)
+    registry = runtime.registry
+
+    async def one(names):
+        leases = await registry.acquire_many(names, wait=30)
+        assert {lease.engine_name for lease in leases} <= set(await engine_names(runtime))
+        await asyncio.sleep(0.1)
+        await registry.release_many(leases)
+
+    async def run():
+        await asyncio.wait_for(asyncio.gather(one(["a", "b"]), one(["c", "d"]), one(["b", "a"]), one(["d", "c"])), 60)
+        assert _pins(registry, "a", "b", "c", "d") == [0, 0, 0, 0]
+        await assert_consistent(runtime)
+
+    asyncio.run(run())
+    assert registry.overloads == 0 and registry.evictions >= 2

@@ -1,12 +1,23 @@
 """The batch sampler: per-row parameters in one pass; seeded rows reproducible whatever shares the
 batch; the draws follow the filtered distribution (checked against probabilities computed here
-independently); logit bias, min_tokens and penalties change only their own row."""
+independently); logit bias, min_tokens and penalties change only their own row; logprobs are of
+the raw logits; constraint bitmasks use xgrammar's layout (checked against xgrammar's kernel) and
+constrained draws follow the masked distribution."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from loraplex.server.engine.sampling import RowSampling, SamplingParams, make_generator, sample_batch
+from loraplex.server.engine.sampling import (
+    MAX_TOP_LOGPROBS,
+    RowSampling,
+    SamplingParams,
+    bitmask_to_allowed,
+    make_generator,
+    sample_batch,
+    sample_step,
+)
 
 V = 50
 
@@ -86,3 +97,73 @@ def test_logit_bias_min_tokens_and_penalties_act_on_their_row_only():
     # freq: 5 - 3*2 = -1 < 1; presence: 5 - 2 = 3 still wins; repetition: 5 / 10 = 0.5 < 1
     assert sample_batch(logits, [freq, presence, repetition]) == [9, 7, 9]
     assert torch.all(logits[:, 7] == 5.0)  # the caller's logits are not modified
+
+
+# ------------------------------------------------- logprobs, constraint masks
+
+
+class _Allowed:
+    """A constraint allowing a fixed set (the sampler only calls fill_bitmask)."""
+
+    def __init__(self, allowed):
+        self.allowed = sorted(allowed)
+
+    def fill_bitmask(self, bitmask, index):
+        words = [0] * bitmask.shape[1]
+        for t in self.allowed:
+            words[t // 32] |= 1 << (t % 32)
+        bitmask[index] = torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+    def accept(self, token):
+        return token in self.allowed
+
+    def is_terminated(self):
+        return False
+
+
+def test_the_bitmask_layout_is_xgrammars():
+    """Our bitmask decoding against xgrammar's own kernel on the same random int32 words
+    (including the sign bit): the tokens it leaves finite are exactly the ones we allow."""
+    xgr = pytest.importorskip("xgrammar")
+    vocab = 100  # not a multiple of 32: the last word is partial
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int64, generator=torch.Generator().manual_seed(0)).to(torch.int32)
+    logits = torch.zeros(3, vocab)
+    xgr.apply_token_bitmask_inplace(logits, bitmask)
+    assert torch.equal(bitmask_to_allowed(bitmask, vocab), torch.isfinite(logits))
+
+
+def test_logprobs_are_the_raw_logits_whatever_the_row_samples_with():
+    logits = _logits(rows=3, seed=5)
+    rows = [
+        RowSampling(SamplingParams(temperature=0.5, seed=1, logit_bias=((4, 3.0),), presence_penalty=1.0), make_generator(SamplingParams(temperature=0.5, seed=1)), output_ids=[4], logprobs=3),
+        RowSampling(SamplingParams(temperature=0.0), None, logprobs=None),
+        RowSampling(SamplingParams(temperature=0.0), None, logprobs=99, constraint=_Allowed({1, 2, 3})),
+    ]
+    out = sample_step(logits, rows)
+    raw = torch.log_softmax(logits, dim=-1)
+    assert out.logprobs[1] is None and out.dead == [False, False, False]
+    assert out.tokens[2] in {1, 2, 3} and out.tokens[2] == 1 + int(logits[2, 1:4].argmax())
+    for i, k in ((0, 3), (2, MAX_TOP_LOGPROBS)):  # k is capped at 20
+        lp = out.logprobs[i]
+        assert lp.token_id == out.tokens[i] and abs(lp.logprob - float(raw[i, out.tokens[i]])) < 1e-6
+        values, ids = torch.topk(raw[i], k)
+        assert [t for t, _ in lp.top] == ids.tolist() and torch.allclose(torch.tensor([v for _, v in lp.top]), values)
+
+
+def test_constrained_draws_follow_the_masked_distribution_and_empty_masks_are_flagged():
+    logits = _logits(rows=1, seed=9)[0]
+    allowed = [0, 5, 31, 32, 49]
+    n = 4000
+    gen = torch.Generator().manual_seed(3)
+    params = SamplingParams(temperature=1.0)
+    out = sample_step(logits[None].expand(n, V), [RowSampling(params, gen, constraint=_Allowed(allowed)) for _ in range(n)])
+    got = torch.bincount(torch.tensor(out.tokens), minlength=V).float() / n
+    expect = torch.zeros(V)
+    expect[allowed] = torch.softmax(logits[allowed], dim=-1)
+    assert got[expect == 0].sum() == 0 and (got - expect).abs().max() < 0.03
+    # a mask allowing nothing (here: only a stop id, itself masked by min_tokens) ends the row
+    rows = [
+        RowSampling(SamplingParams(temperature=0.0, min_tokens=3), None, stop_ids=frozenset({7}), constraint=_Allowed({7})),
+        RowSampling(SamplingParams(temperature=0.0), None),
+    ]
+    assert sample_step(_logits(rows=2), rows).dead == [True, False]

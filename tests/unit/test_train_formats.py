@@ -136,6 +136,15 @@ def test_datasets_reads_parquet_csv_arrow_and_saved_folders(tmp_path):
     assert train == rows[:4] and evaluation == rows[:2]
 
 
+def test_date_like_answers_stay_text(tmp_path):
+    """pyarrow's JSON reader would turn "1983-02-12" into a timestamp (the datefmt demo task)."""
+    rows = [{"input": "12 Feb 1983", "output": "1983-02-12"}, {"input": "noon", "output": "2020-01-01T12:00:00"}]
+    for name in ("d.jsonl", "d.json"):
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(r) for r in rows) if name.endswith("l") else json.dumps(rows))
+        assert load_splits([path])["train"] == rows
+
+
 def test_hub_dataset_offline_is_a_clear_error_naming_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

@@ -75,6 +75,16 @@ class InferenceStub:
                 request_serializer=loraplex_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
                 response_deserializer=loraplex_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loraplex.v1.Inference/Tokenize',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.Detokenize = channel.unary_unary(
+                '/loraplex.v1.Inference/Detokenize',
+                request_serializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -137,6 +147,20 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The base tokenizer's ids for a text or for chat messages (HTTP: POST /tokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Detokenize(self, request, context):
+        """The text of token ids (HTTP: POST /detokenize).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +203,16 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.UnloadAdapter,
                     request_deserializer=loraplex_dot_v1_dot_inference__pb2.UnloadAdapterRequest.FromString,
                     response_serializer=loraplex_dot_v1_dot_inference__pb2.UnloadAdapterResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.TokenizeRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'Detokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detokenize,
+                    request_deserializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeRequest.FromString,
+                    response_serializer=loraplex_dot_v1_dot_inference__pb2.DetokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +432,60 @@ class Inference:
             '/loraplex.v1.Inference/UnloadAdapter',
             loraplex_dot_v1_dot_inference__pb2.UnloadAdapterRequest.SerializeToString,
             loraplex_dot_v1_dot_inference__pb2.UnloadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Inference/Tokenize',
+            loraplex_dot_v1_dot_inference__pb2.TokenizeRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraplex.v1.Inference/Detokenize',
+            loraplex_dot_v1_dot_inference__pb2.DetokenizeRequest.SerializeToString,
+            loraplex_dot_v1_dot_inference__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ logged once with the request id and answered ``INTERNAL`` naming that id."""
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from typing import AsyncIterator, Callable
@@ -31,16 +32,51 @@ finish_reason = grpc_finish_reason  # the one map: server/api/finish.py
 
 def _sampling(message: pb.SamplingParams) -> dict:
     has = message.HasField
+    optional = lambda name: getattr(message, name) if has(name) else None  # noqa: E731
     return dict(
-        max_tokens=message.max_tokens if has("max_tokens") else None,
-        temperature=message.temperature if has("temperature") else None,
-        top_p=message.top_p if has("top_p") else None,
-        top_k=message.top_k if has("top_k") else None,
-        seed=message.seed if has("seed") else None,
+        max_tokens=optional("max_tokens"),
+        temperature=optional("temperature"),
+        top_p=optional("top_p"),
+        top_k=optional("top_k"),
+        seed=optional("seed"),
         stop=list(message.stop),
         stop_token_ids=list(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
+        presence_penalty=optional("presence_penalty"),
+        frequency_penalty=optional("frequency_penalty"),
+        repetition_penalty=optional("repetition_penalty"),
+        logit_bias=dict(message.logit_bias) if message.logit_bias else None,
+        min_tokens=optional("min_tokens"),
+        n=message.n if has("n") else 1,
+        logprobs=optional("logprobs"),
+        echo=message.echo,
     )
+
+
+def _structured(message: pb.StructuredOutput | None) -> dict:
+    """StructuredOutput -> the service's structured-output fields (OpenAI / vLLM spelling)."""
+    kind = message.WhichOneof("kind") if message is not None else None
+    if kind is None:
+        return {}
+    if kind == "json_object":
+        return {"response_format": {"type": "json_object"}} if message.json_object else {}
+    if kind == "json_schema":
+        try:
+            return {"guided_json": json.loads(message.json_schema)}
+        except ValueError as exc:
+            raise RequestInvalid(f"structured.json_schema is not valid JSON: {exc}", param="structured.json_schema") from None
+    if kind == "regex":
+        return {"guided_regex": message.regex}
+    if kind == "grammar":
+        return {"guided_grammar": message.grammar}
+    return {"guided_choice": list(message.choice.values)}
+
+
+def _token_logprob(scored) -> pb.TokenLogprob:
+    out = pb.TokenLogprob(token_id=scored.token_id, token=scored.text, token_bytes=bytes(scored.bytes), top=[_token_logprob(t) for t in scored.top])
+    if scored.logprob is not None:
+        out.logprob = scored.logprob
+    return out
 
 
 class Refused:
@@ -57,7 +93,12 @@ def _unknown_fields(message, prefix: str = "") -> list[str]:
     for descriptor, value in message.ListFields():
         if descriptor.message_type is None:
             continue
-        children = value if descriptor.is_repeated else [value]
+        if descriptor.message_type.GetOptions().map_entry:  # a map: its values, when they are messages
+            if descriptor.message_type.fields_by_name["value"].message_type is None:
+                continue
+            children = list(value.values())
+        else:
+            children = value if descriptor.is_repeated else [value]
         for i, child in enumerate(children):
             found += _unknown_fields(child, f"{name}.{descriptor.name}" + (f"[{i}]" if descriptor.is_repeated else ""))
     return found
@@ -123,18 +164,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     def _model(self, service: GenerationService, adapter: str) -> str:
         return adapter if adapter else service.base_name
 
+    def _common(self, service: GenerationService, request, context) -> dict:
+        """The fields Generate and Chat share: model or mix, sampling, structured output."""
+        common = dict(model=self._model(service, request.adapter), credential=credential_of(context), **_sampling(request.sampling), **_structured(request.structured if request.HasField("structured") else None))
+        if request.adapters:
+            common["adapters"] = [{"name": a.name, "weight": a.weight} for a in request.adapters]
+        common["request_id"] = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        return common
+
     def _generate_request(self, service: GenerationService, request: pb.GenerateRequest, context) -> GenerationRequest:
         if request.prompt and request.prompt_token_ids:
             raise RequestInvalid("give prompt or prompt_token_ids, not both", param="prompt")
-        common = dict(model=self._model(service, request.adapter), credential=credential_of(context), **_sampling(request.sampling))
-        common["request_id"] = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        common = self._common(service, request, context)
         if request.prompt_token_ids:
             return GenerationRequest(prompt_token_ids=list(request.prompt_token_ids), **common)
         return GenerationRequest(prompt=request.prompt, **common)
 
     def _chat_request(self, service: GenerationService, request: pb.ChatRequest, context) -> GenerationRequest:
-        common = dict(model=self._model(service, request.adapter), credential=credential_of(context), **_sampling(request.sampling))
-        common["request_id"] = request.request_id or f"grpc-{uuid.uuid4().hex}"
+        if request.sampling.echo:
+            raise RequestInvalid("echo is for Generate (completions) only", param="echo")
+        common = self._common(service, request, context)
         messages = [{"role": m.role, "content": m.content} for m in request.messages]
         return GenerationRequest(messages=messages, **common)
 
@@ -145,17 +194,26 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             service = self._service()
             req = build(service, request, context)
             rid = req.request_id
-            parts, tokens, last = [], [], None
+            choices: dict[int, pb.Choice] = {}
+            prompt_tokens = completion_tokens = 0
             async for event in service.generate(req):
-                parts.append(event.text)
-                tokens.extend(event.token_ids)
-                last = event
+                choice = choices.setdefault(event.index, pb.Choice(index=event.index))
+                choice.text += event.text
+                choice.token_ids.extend(event.token_ids)
+                choice.logprobs.extend(_token_logprob(s) for s in event.logprobs or ())
+                choice.prompt_logprobs.extend(_token_logprob(s) for s in event.prompt_logprobs or ())
+                if event.finish_reason is not None:
+                    choice.finish_reason = finish_reason(event.finish_reason)
+                prompt_tokens, completion_tokens = event.prompt_tokens, max(completion_tokens, event.total_completion_tokens)
+            ordered = [choices[i] for i in sorted(choices)]
+            first = ordered[0] if ordered else pb.Choice(finish_reason=finish_reason("stop"))
             return pb.GenerateResponse(
                 request_id=req.request_id,
-                text="".join(parts),
-                token_ids=tokens,
-                finish_reason=finish_reason(last.finish_reason if last else "stop"),
-                usage=pb.Usage(prompt_tokens=last.prompt_tokens if last else 0, completion_tokens=last.completion_tokens if last else 0),
+                text=first.text,
+                token_ids=first.token_ids,
+                finish_reason=first.finish_reason,
+                usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
+                choices=ordered,
             )
         except LoraplexError as exc:
             code, message = grpc_status(exc)
@@ -173,10 +231,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             stream = service.generate(req)
             try:
                 async for event in stream:
-                    message = pb.GenerateStreamResponse(request_id=req.request_id, text=event.text, token_ids=event.token_ids)
+                    message = pb.GenerateStreamResponse(
+                        request_id=req.request_id,
+                        text=event.text,
+                        token_ids=event.token_ids,
+                        index=event.index,
+                        logprobs=[_token_logprob(s) for s in event.logprobs or ()],
+                        prompt_logprobs=[_token_logprob(s) for s in event.prompt_logprobs or ()],
+                    )
                     if event.finish_reason is not None:
                         message.finish_reason = finish_reason(event.finish_reason)
-                        message.usage.CopyFrom(pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens))
+                        message.usage.CopyFrom(pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.total_completion_tokens))
                     yield message
             finally:
                 await stream.aclose()
@@ -225,6 +290,22 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def LoadAdapter(self, request, context):
         async def run(service):
             return adapter_message(await service.load_adapter(request.name, request.path or None, credential_of(context)))
+
+        return await self._admin(run, request, context)
+
+    async def Tokenize(self, request, context):
+        async def run(service):
+            messages = [{"role": m.role, "content": m.content} for m in request.messages] or None
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            out = await service.tokenize(model=self._model(service, request.adapter), prompt=None if messages else request.prompt, messages=messages, add_special_tokens=add, credential=credential_of(context))
+            return pb.TokenizeResponse(tokens=out["tokens"], count=out["count"], max_model_len=out["max_model_len"])
+
+        return await self._admin(run, request, context)
+
+    async def Detokenize(self, request, context):
+        async def run(service):
+            out = await service.detokenize(model=self._model(service, request.adapter), tokens=list(request.tokens), credential=credential_of(context))
+            return pb.DetokenizeResponse(text=out["prompt"])
 
         return await self._admin(run, request, context)
 

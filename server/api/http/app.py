@@ -192,7 +192,7 @@ def _openapi_with_errors(app: FastAPI) -> dict:
         for operation in methods.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or path in ("/tokenize", "/detokenize", "/tokenizer_info"):
                 for status, description in _ERROR_STATUSES.items():
                     responses.setdefault(status, {"description": description, "content": {"application/json": {"schema": ref}}})
             if path in ("/ready",):

@@ -4,7 +4,7 @@ Nothing is silently ignored: a field that is not declared here is refused with 4
 (``extra="forbid"``, OpenAI's "Unrecognized request argument"); integer and boolean fields are
 strict (``true``, ``"8"`` and ``8.0`` are not integers). Fields that OpenAI or vLLM define and
 that loraplex does not implement yet are declared in ``NOT_YET`` so that their neutral value
-(``logprobs: false``, ``presence_penalty: 0``, ...) is accepted and any other value is refused
+(``best_of: 1``, ``min_p: 0``, ...) is accepted and any other value is refused
 with 400 saying so. Value ranges are checked by the service (one place for both fronts).
 """
 
@@ -44,20 +44,10 @@ def _neutral(value: Any, allowed: tuple) -> bool:
 
 #: field -> the values that mean "off" (accepted); any other value gets 400 "not supported yet"
 NOT_YET_COMMON: dict[str, tuple] = {
-    "frequency_penalty": (None, 0),
-    "presence_penalty": (None, 0),
-    "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}),
     "min_p": (None, 0),
-    "min_tokens": (None, 0),
     "best_of": (None, 1),
     "use_beam_search": (None, False),
     "length_penalty": (None, 1),
-    "response_format": (None, {"type": "text"}),
-    "guided_json": (None,),
-    "guided_regex": (None,),
-    "guided_choice": (None,),
-    "guided_grammar": (None,),
     "structured_outputs": (None,),
     "include_stop_str_in_output": (None, False),
     "skip_special_tokens": (None, True),
@@ -68,8 +58,6 @@ NOT_YET_COMMON: dict[str, tuple] = {
 }
 NOT_YET_CHAT: dict[str, tuple] = {
     **NOT_YET_COMMON,
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None, True, False),
@@ -91,8 +79,6 @@ NOT_YET_CHAT: dict[str, tuple] = {
 }
 NOT_YET_COMPLETION: dict[str, tuple] = {
     **NOT_YET_COMMON,
-    "logprobs": (None, 0),
-    "echo": (None, False),
     "suffix": (None, ""),
 }
 
@@ -107,8 +93,19 @@ class _Sampling(_Body):
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = Field(None, description="vLLM extension")
-    n: StrictInt = Field(1, description="only 1 is supported")
+    n: StrictInt = Field(1, description="choices, 1 to --max-n (default 8); with a seed, choice i samples with seed + i")
     ignore_eos: StrictBool = Field(False, description="vLLM extension")
+    presence_penalty: Number | None = Field(None, description="[-2, 2]; 0 = off")
+    frequency_penalty: Number | None = Field(None, description="[-2, 2]; 0 = off")
+    repetition_penalty: Number | None = Field(None, description="vLLM extension: (0, 10]; 1 = off")
+    logit_bias: dict[str, Any] | None = Field(None, description="token id (string) -> bias in [-100, 100]; at most --max-logit-bias entries")
+    min_tokens: StrictInt | None = Field(None, description="vLLM extension: stop tokens are masked until this many tokens are out (<= max_tokens)")
+    response_format: dict[str, Any] | None = Field(None, description="{type: text | json_object | json_schema}")
+    guided_json: Any = Field(None, description="vLLM extension: a JSON schema (object or string)")
+    guided_regex: StrictStr | None = Field(None, description="vLLM extension: a regular expression")
+    guided_choice: list[StrictStr] | None = Field(None, description="vLLM extension: one of these strings")
+    guided_grammar: StrictStr | None = Field(None, description="vLLM extension: a grammar (see docs/api.md)")
+    adapters: list[Any] | None = Field(None, description='loraplex extension: a weighted adapter mix [{"name", "weight"}, ...]; model = the base')
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = Field(None, description="an end-user id (metadata; does not change the output)")
@@ -171,11 +168,17 @@ class ChatMessage(_Body):
 
 class _ChatBody(_Sampling):
     messages: list[ChatMessage]
+    logprobs: StrictBool | None = Field(None, description="each generated token's logprob")
+    top_logprobs: StrictInt | None = Field(None, description="0 to 20 most likely tokens per position (needs logprobs: true)")
     NOT_YET: ClassVar[dict[str, tuple]] = NOT_YET_CHAT
 
 
 class _CompletionBody(_Sampling):
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] = Field(..., description="text, or a list of token ids")
+    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]] = Field(
+        ..., description="text, token ids, or a list of either (one choice set per prompt; at most --max-prompts)"
+    )
+    logprobs: StrictInt | None = Field(None, description="0 to 20: each token's logprob and that many alternatives")
+    echo: StrictBool | None = Field(None, description="the prompt first (and its tokens' logprobs); max_tokens 0 scores the prompt only")
     NOT_YET: ClassVar[dict[str, tuple]] = NOT_YET_COMPLETION
 
 
@@ -190,3 +193,18 @@ class LoadLoraRequest(_Body):
 
 class UnloadLoraRequest(_Body):
     lora_name: StrictStr
+
+
+class TokenizeRequest(_Body):
+    """vLLM's ``/tokenize``: ``prompt`` or chat ``messages``."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: StrictBool = True
+    add_generation_prompt: StrictBool = True
+
+
+class DetokenizeRequest(_Body):
+    model: StrictStr | None = None
+    tokens: list[StrictInt]

@@ -5,7 +5,7 @@
 
 const $ = (sel) => document.querySelector(sel);
 const KEY_STORE = "loraplex.key";
-const state = { key: sessionStorage.getItem(KEY_STORE) || "", session: null, adapters: [], liveTimer: null, trainTimer: null };
+const state = { key: sessionStorage.getItem(KEY_STORE) || "", session: null, adapters: [], liveTimer: null, trainTimer: null, mix: new Map() };
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -251,11 +251,63 @@ function renderModelChips() {
     const on = fresh ? i < 4 : checked.has(n.name);
     box.append(el("label", { class: "chip" }, el("input", { type: "checkbox", value: n.name, checked: on }), n.label));
   });
+  renderMixMembers();
 }
 
-function playBody(model) {
+// ------------------------------------------------------------------ playground: the mix column
+// One row per adapter the key may use: a tick, a slider and a number box for its weight, both
+// kept inside the server's limits (|weight| <= max_mix_weight, server/mixes.py). The column
+// sends {"model": <base>, "adapters": [{"name", "weight"}, ...]}: the server checks the rest.
+const MIX_STEP = 0.05;
+const mixLimit = () => (state.session && state.session.max_mix_weight) || 8;
+
+function mixMembers() {
+  const out = [];
+  for (const [name, m] of state.mix) if (m.on && state.adapters.some((a) => a.name === name)) out.push({ name, weight: m.weight });
+  return out;
+}
+
+function mixLabel(members) {
+  return members.map((m) => `${m.name}:${m.weight}`).join("+");
+}
+
+function updateMixLabel() {
+  const members = mixMembers();
+  $("#play-mix-label").textContent = members.length ? "· " + mixLabel(members) : "";
+}
+
+function renderMixMembers() {
+  const box = $("#play-mix-members");
+  box.replaceChildren();
+  const limit = mixLimit();
+  const most = state.session ? state.session.max_mix_adapters : null;
+  $("#play-mix-limits").textContent = `Weights from -${limit} to ${limit} (0 is refused: untick the adapter instead)` +
+    (most ? `; at most ${most} adapters per mix (--max-mix-adapters).` : ".") + " The column is the base plus the weighted sum of the adapters' LoRA updates.";
+  for (const a of state.adapters) {
+    if (a.state === "failed") continue;
+    if (!state.mix.has(a.name)) state.mix.set(a.name, { on: false, weight: 1 });
+    const m = state.mix.get(a.name);
+    const row = el("div", { class: "mix-member" + (m.on ? " on" : ""), "data-adapter": a.name });
+    const tick = el("input", { type: "checkbox", class: "mix-on", checked: m.on });
+    const slider = el("input", { type: "range", class: "mix-slider", min: -limit, max: limit, step: MIX_STEP, value: m.weight, "aria-label": `weight of ${a.name}` });
+    const number = el("input", { type: "number", class: "mix-weight", min: -limit, max: limit, step: "any", value: m.weight, "aria-label": `weight of ${a.name}` });
+    tick.addEventListener("change", () => { m.on = tick.checked; row.classList.toggle("on", m.on); updateMixLabel(); });
+    // moving either control ticks the adapter: setting a weight means you want it in the mix
+    slider.addEventListener("input", () => { m.weight = parseFloat(slider.value); number.value = slider.value; m.on = tick.checked = true; row.classList.add("on"); updateMixLabel(); });
+    number.addEventListener("input", () => {
+      if (number.value === "" || Number.isNaN(parseFloat(number.value))) return;
+      m.weight = parseFloat(number.value); slider.value = number.value; m.on = tick.checked = true; row.classList.add("on"); updateMixLabel();
+    });
+    row.append(el("label", { class: "mix-name" }, tick, a.name), slider, number);
+    box.append(row);
+  }
+  updateMixLabel();
+}
+
+function playBody(model, adapters) {
   const prompt = $("#play-prompt").value;
   const body = { model, stream: true, stream_options: { include_usage: true } };
+  if (adapters) body.adapters = adapters;
   const num = (id, parse) => { const v = $(id).value; return v === "" ? undefined : parse(v); };
   body.temperature = num("#play-temperature", parseFloat);
   body.max_tokens = num("#play-max-tokens", (v) => parseInt(v, 10));
@@ -267,7 +319,8 @@ function playBody(model) {
   return body;
 }
 
-async function runColumn(model, column, signal) {
+// target: {model} for one adapter or the base; {model: <base>, adapters: [...]} for the mix column
+async function runColumn(target, column, signal) {
   const out = column.querySelector(".output"), stats = column.querySelector(".stats");
   const chat = $("#play-mode").value === "chat";
   const started = performance.now();
@@ -275,7 +328,7 @@ async function runColumn(model, column, signal) {
   column.dataset.state = "running";
   try {
     const resp = await fetch(chat ? "/v1/chat/completions" : "/v1/completions", {
-      method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(playBody(model)), signal,
+      method: "POST", headers: headers({ "Content-Type": "application/json" }), body: JSON.stringify(playBody(target.model, target.adapters)), signal,
     });
     if (!resp.ok) throw await errorOf(resp);
     const reader = resp.body.getReader();
@@ -320,6 +373,7 @@ async function runColumn(model, column, signal) {
   } catch (err) {
     if (err.name === "AbortError") { column.dataset.state = "stopped"; stats.append(" · stopped"); return; }
     column.dataset.state = "error";
+    if (err.status) stats.replaceChildren(el("span", { class: "refused", text: `refused by the server: HTTP ${err.status}` }));
     if (err.status === 401) askKey(err.message);
     out.append(el("div", { class: "error", text: err.message }));
   }
@@ -328,15 +382,24 @@ async function runColumn(model, column, signal) {
 $("#play-form").addEventListener("submit", async (ev) => {
   ev.preventDefault();
   const models = [...document.querySelectorAll("#play-models input:checked")].map((i) => i.value);
+  const mix = mixMembers();
   const box = $("#play-columns");
   box.replaceChildren();
-  if (!models.length) { box.append(el("p", { class: "error", text: "Choose at least one model." })); return; }
+  delete box.dataset.done;
+  if (!models.length && !mix.length) { box.append(el("p", { class: "error", text: "Choose at least one model or a mix." })); return; }
   if (!$("#play-prompt").value) { box.append(el("p", { class: "error", text: "Write a prompt." })); return; }
-  const columns = models.map((m) => {
-    const col = el("div", { class: "column", "data-model": m }, el("h3", { text: m }), el("pre", { class: "output" }), el("div", { class: "stats" }));
+  if (mix.length === 1) { box.append(el("p", { class: "error", id: "play-mix-error", text: `A mix needs at least 2 adapters; only ${mix[0].name} is ticked (or untick it and choose it as a column).` })); return; }
+  const column = (title, extra = {}) => {
+    const col = el("div", { class: "column", ...extra }, el("h3", { text: title }), el("pre", { class: "output" }), el("div", { class: "stats" }));
     box.append(col);
-    return [m, col];
-  });
+    return col;
+  };
+  const columns = models.map((m) => [{ model: m }, column(m, { "data-model": m })]);
+  if (mix.length) {
+    // the weights as they are now: moving a slider during the run does not touch this request
+    const adapters = mix.map((m) => ({ name: m.name, weight: m.weight }));
+    columns.push([{ model: state.session.base, adapters }, column("mix " + mixLabel(adapters), { class: "column mix", "data-model": "mix", "data-mix": mixLabel(adapters) })]);
+  }
   // closing a stream cancels its request on the server (it frees the batch row at the next step)
   const stop = new AbortController();
   $("#play-stop").onclick = () => stop.abort();
@@ -456,6 +519,12 @@ $("#train-form").addEventListener("submit", async (ev) => {
   await pollJobs();
 });
 
+async function stopJob(id) {
+  $("#train-error").textContent = "";
+  try { await postJSON(`/ui/api/train/jobs/${encodeURIComponent(id)}/stop`, {}); } catch (err) { $("#train-error").textContent = err.message; }
+  await pollJobs();
+}
+
 const fmtTime = (s) => (s === null || s === undefined ? "–" : s >= 60 ? `${Math.floor(s / 60)} min ${Math.round(s % 60)} s` : `${Math.round(s)} s`);
 
 async function pollJobs() {
@@ -471,6 +540,8 @@ async function pollJobs() {
       el("p", { text: `step ${j.step}/${j.total || j.form.max_steps} · loss ${fmt(j.loss, 4)} · eval loss ${fmt(j.eval_loss, 4)} · elapsed ${fmtTime(j.elapsed_seconds)} · ETA ${fmtTime(j.eta_seconds)}` }),
       svg,
       j.error ? el("p", { class: "error", text: j.error }) : null,
+      !j.finished ? el("button", { type: "button", class: "job-stop", disabled: j.state === "stopping", onclick: () => stopJob(j.id), text: j.state === "stopping" ? "Stopping…" : "Stop" }) : null,
+      j.state === "stopped" ? el("p", { class: "note", text: "Stopped: the trainer was ended before it published; nothing was written to the store." }) : null,
       j.state === "succeeded" ? el("p", { class: "note", text: "Published into the store: it is in the Adapters table and the Playground now." }) : null);
   }));
   const running = jobs.some((j) => !j.finished);
