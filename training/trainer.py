@@ -24,6 +24,7 @@ from loraplex.server.basemodel.loading import bitsandbytes_problem
 from loraplex.server.errors import AdapterExists
 from loraplex.server.store import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterManifest, AdapterStore, sha256_file, write_manifest
 from loraplex.server.store.manifest import EvalMetrics
+from loraplex.server.store.targets import target_suffixes
 from loraplex.training.config import TrainConfig, TrainInputError
 from loraplex.training.data import (
     IGNORE_INDEX,
@@ -39,8 +40,6 @@ from loraplex.training.quantization import INT4_BLOCK_SIZE, apply_onnx_int4_weig
 from loraplex.training.progress import LossProgressBar, ThroughputMeter, peak_memory_mb
 from loraplex.training.report import plot_losses, write_report
 
-#: Module types whose names can be LoRA targets (bitsandbytes layers subclass nn.Linear).
-_EXCLUDED_TARGETS = frozenset({"lm_head"})
 #: The hub id of the embedded base, written as ``base_model_name_or_path`` so plain peft finds it.
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: Initialisations that rewrite the base weights (the saved adapter is converted back to plain LoRA).
@@ -81,16 +80,9 @@ class TrainResult:
 
 
 def linear_module_names(model) -> list[str]:
-    """Suffixes of every Linear layer in the model's blocks (candidates for --target_modules)."""
-    import torch
-
-    names = set()
-    for full_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            suffix = full_name.rsplit(".", 1)[-1]
-            if suffix not in _EXCLUDED_TARGETS:
-                names.add(suffix)
-    return sorted(names)
+    """Suffixes of every Linear layer in the model's blocks (candidates for --target_modules):
+    the one rule of ``store/targets.py``."""
+    return target_suffixes(model)
 
 
 def resolve_target_modules(cfg: TrainConfig, model) -> list[str]:

@@ -36,6 +36,8 @@ from typing import Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from loraplex.server.store.targets import EXCLUDED_TARGETS
+
 
 TokenSlot = Union[int, Tuple[Tuple[int, float], ...]]  # a slot (weight 1; 0 = base) or a weighted mix
 
@@ -389,13 +391,14 @@ def _is_linear(module: nn.Module) -> bool:
 def inject_multi_lora(
     model: nn.Module,
     context: LoraBatchContext,
-    exclude: Sequence[str] = ("lm_head",),
+    exclude: Sequence[str] = tuple(sorted(EXCLUDED_TARGETS)),
     *,
     dtype: torch.dtype = torch.float32,
     device=None,
 ) -> dict[str, MultiLoraLinear]:
-    """Wrap every Linear of the model (except ``exclude``) in place; returns name -> wrapper.
-    LoRA weights are kept (and applied) at ``dtype``."""
+    """Wrap every Linear of the model (except ``exclude``: by default the layers that never carry
+    LoRA, ``store/targets.py``) in place; returns name -> wrapper. LoRA weights are kept (and
+    applied) at ``dtype``."""
     targets = [
         (name, module)
         for name, module in model.named_modules()

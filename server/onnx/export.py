@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -35,12 +34,12 @@ from loraplex.server.errors import AdapterInvalid, ExportError, RequestInvalid
 from loraplex.server.onnx.graph import STACKED_GRAPH, expose_lora_inputs, lora_matmul_node_names, write_stacked_variant
 from loraplex.server.onnx.manifest import ExportedAdapter, ExportManifest, write_export_manifest
 from loraplex.server.store import ADAPTER_WEIGHTS, sha256_file, validate_adapter_name
+from loraplex.server.store.targets import is_decoder_projection
 from loraplex.server.store.onnx_adapter import ONNX_ADAPTER_SUFFIX, onnx_adapter_arrays, write_onnx_adapter
 
 PRECISIONS = ("int4", "fp32")
 LORA_TARGETS = ("all", "union")
 _RESERVED_BUILDER_OPTIONS = {"adapter_path", "nodes_to_exclude", "filename", "config_only"}
-_DECODER_LINEAR = re.compile(r"^.*\.layers\.\d+\.(self_attn|mlp)\.[A-Za-z0-9_]+$")
 
 
 @dataclass(frozen=True)
@@ -183,7 +182,7 @@ def export_onnx(config: ExportConfig, *, say: Callable[[str], None] = print) -> 
         say(f"adapter {name}: rank {adapter.max_rank}, {len(adapter.modules)} modules, from {folder}")
 
     if config.lora_targets == "all":
-        modules = sorted(m for m in shapes.linear_shapes if _DECODER_LINEAR.match(m))
+        modules = sorted(m for m in shapes.linear_shapes if is_decoder_projection(m))
     else:
         modules = sorted({m for adapter in validated for m in adapter.modules})
     outside = sorted({m for adapter in validated for m in adapter.modules} - set(modules))
