@@ -192,20 +192,12 @@ class Flight:
         return [c.engine_request for c in self.choices]
 
 
-#: engineer G's server/constraints.py and M's server/mixes.py are wired in once they are ready;
-#: until then their fields are refused with 400 (never ignored)
-STRUCTURED_READY = True
-MIX_READY = True
 _STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def parse_mix(model: str, adapters: Sequence[Any] | None, *, base_name: str, max_members: int) -> Any:
     """A MixSpec (server/mixes.py) for the body field ``adapters`` or the compact model form
     ``a:0.7+b:0.3``; None for one adapter or the base."""
-    if not MIX_READY:
-        if adapters is not None:
-            raise RequestInvalid("adapters (weighted adapter mixes) is not supported yet by this server", param="adapters")
-        return None
     from loraplex.server.mixes import parse_mix as parse
 
     return parse(model, list(adapters) if adapters is not None else None, base_name=base_name, max_members=max_members)
@@ -227,9 +219,6 @@ class StructuredOutput:
             given["response_format"] = None  # OpenAI's default: free text
         if all(v is None for v in given.values()):
             return None
-        if not STRUCTURED_READY:
-            name = next(k for k, v in given.items() if v is not None)
-            raise RequestInvalid(f"{name} (structured output) is not supported yet by this server; see docs/api.md", param=name)
         from loraplex.server.constraints import constraint_from_fields
 
         return constraint_from_fields(**given)
