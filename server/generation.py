@@ -37,6 +37,7 @@ from loraplex.server.access import Access
 from loraplex.server.auth import ApiKey
 from loraplex.server.chat_prompt import chat_ids, text_ids
 from loraplex.server.errors import EngineFailure, NotReady, Overloaded, RequestInvalid
+from loraplex.server.mixes import parse_mix
 from loraplex.server.metrics import AdapterActivity, RequestClock, ServerMetrics
 from loraplex.server.readiness import Readiness
 from loraplex.server.registry import AdapterRegistry, Lease
@@ -193,14 +194,6 @@ class Flight:
 
 
 _STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
-
-
-def parse_mix(model: str, adapters: Sequence[Any] | None, *, base_name: str, max_members: int) -> Any:
-    """A MixSpec (server/mixes.py) for the body field ``adapters`` or the compact model form
-    ``a:0.7+b:0.3``; None for one adapter or the base."""
-    from loraplex.server.mixes import parse_mix as parse
-
-    return parse(model, list(adapters) if adapters is not None else None, base_name=base_name, max_members=max_members)
 
 
 class StructuredOutput:

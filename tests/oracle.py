@@ -146,3 +146,18 @@ def check_greedy_within(logits, prompt_len, tokens, tol):
         else:
             ties += 1
     return ties
+
+
+def run_engine(engine, arrivals, on_step=None, max_steps=500):
+    """Drive an engine directly: ``arrivals`` maps a step number to the requests admitted before
+    that step; steps until every request has finished (at most ``max_steps``)."""
+    step = 0
+    while engine.num_running or any(s >= step for s in arrivals):
+        for request in arrivals.get(step, []):
+            engine.admit(request)
+        engine.step()
+        if on_step:
+            on_step(step)
+        step += 1
+        assert step < max_steps, f"the engine did not finish within {max_steps} steps"
+    return step

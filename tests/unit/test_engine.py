@@ -13,7 +13,7 @@ from loraplex.server.engine.engine import Engine, EngineRequest, TorchAdapterPay
 from loraplex.server.engine.protocol import Engine as EngineProtocol
 from loraplex.server.engine.sampling import SamplingParams
 from loraplex.server.registry import BaseShapes, load_validated_adapter
-from tests.oracle import Collector, cached_oracle, check_greedy_within, greedy_request, make_random_adapter, reference_logits
+from tests.oracle import Collector, cached_oracle, check_greedy_within, greedy_request, make_random_adapter, reference_logits, run_engine
 
 N_TOKENS = 12
 
@@ -57,17 +57,6 @@ def _request(rid, prompt, adapter, n=N_TOKENS):
     return greedy_request(rid, prompt, adapter, n)
 
 
-def _run(engine, arrivals, on_step=None):
-    """arrivals: step number -> requests admitted before that step; step until all finish."""
-    step = 0
-    while engine.num_running or any(s >= step for s in arrivals):
-        for request in arrivals.get(step, []):
-            engine.admit(request)
-        engine.step()
-        if on_step:
-            on_step(step)
-        step += 1
-    return step
 
 
 PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404, 405, 406], [1, 77], [1, 5000, 6000, 7000]]
@@ -86,7 +75,7 @@ def test_mixed_batch_with_joins_equals_peft_single_adapter(tiny_base, adapters, 
     engine = _engine(tiny_base, adapters, max_batch_size=8, max_num_batched_tokens=budget)
     plan = [(PROMPTS[0], "a", 12), (PROMPTS[1], None, 5), (PROMPTS[2], "b", 12), (PROMPTS[3], "c", 9), (PROMPTS[4], "a", 12), (LONG, "b", 6)]
     requests = [_request(str(i), prompt, adapter, n) for i, (prompt, adapter, n) in enumerate(plan)]
-    _run(engine, {0: [requests[0][0], requests[1][0]], 1: [requests[2][0]], 2: [requests[3][0], requests[5][0]], 4: [requests[4][0]]})
+    run_engine(engine, {0: [requests[0][0], requests[1][0]], 1: [requests[2][0]], 2: [requests[3][0], requests[5][0]], 4: [requests[4][0]]})
     assert engine.peak_batch_size >= 5
     for (prompt, adapter, n), (_, sink) in zip(plan, requests):
         assert sink.tokens == expected(adapter, prompt, n), (adapter, prompt)
@@ -112,7 +101,7 @@ def test_a_long_prompt_is_chunked_while_running_rows_keep_decoding(tiny_base, ad
         steps_to_first += 1
         assert len(running_sink.tokens) == before + 1  # the running stream never waits
     assert steps_to_first == -(-len(LONG) // 7)  # 7 prompt tokens per step beside the decoding row
-    _run(engine, {})
+    run_engine(engine, {})
     assert long_sink.tokens == expected("c", LONG, 8)
     assert running_sink.tokens == expected("a", PROMPTS[0], 30)
 
@@ -124,7 +113,7 @@ def test_many_new_prompts_are_prefilled_in_one_step(tiny_base, adapters, expecte
         engine.admit(request)
     engine.step()
     assert all(len(sink.tokens) == 1 for _, sink in requests)  # every prompt prefilled together
-    _run(engine, {})
+    run_engine(engine, {})
     for (request, sink), ad in zip(requests, ["a", "b", None, "c", "a"]):
         assert sink.tokens == expected(ad, request.prompt_ids, 4)
 
@@ -149,7 +138,7 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters):
         return decode, chunks
 
     engine._plan_step = counting_plan
-    _run(engine, {0: [r for r, _ in requests[:3]], 2: [r for r, _ in requests[3:]]})
+    run_engine(engine, {0: [r for r, _ in requests[:3]], 2: [r for r, _ in requests[3:]]})
     assert len(mixed_steps) >= 3, mixed_steps  # the long prompt's chunks and the late arrivals beside decoding rows
     ties = steps = 0
     for (prompt, adapter), (_, sink) in zip(plan, requests):
@@ -229,7 +218,7 @@ def test_slots_are_reused_without_disturbing_running_rows(tiny_base, adapters, e
     big_req, big_sink = _request("big", PROMPTS[1], "x2")
     engine.admit(late)
     engine.admit(big_req)
-    _run(engine, {})
+    run_engine(engine, {})
     assert running_sink.tokens == expected("c", PROMPTS[2])
     assert late_sink.tokens == expected("b", PROMPTS[3])
     big_oracle = cached_oracle(tiny_base, {"x2": big}, N_TOKENS)
@@ -293,5 +282,5 @@ def test_a_failed_forward_ends_everything_and_the_engine_goes_on(tiny_base, adap
     assert sink.finish == "error" and engine.num_running == 0 and engine.stats().kv_used_tokens == 0
     again, again_sink = _request("y", PROMPTS[0], "a")
     engine.admit(again)
-    _run(engine, {})
+    run_engine(engine, {})
     assert again_sink.tokens == expected("a", PROMPTS[0])

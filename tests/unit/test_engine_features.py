@@ -27,6 +27,7 @@ from tests.oracle import (
     make_random_adapter,
     reference_logits,
     reference_mix_model,
+    run_engine,
 )
 
 N = 8
@@ -71,18 +72,6 @@ def _req(rid, prompt, adapter, n=N, **kw):
     return request, sink
 
 
-def _run(engine, arrivals, on_step=None):
-    """arrivals: step number -> requests admitted before that step; step until all finish."""
-    step = 0
-    while engine.num_running or any(s >= step for s in arrivals):
-        for request in arrivals.get(step, []):
-            engine.admit(request)
-        engine.step()
-        if on_step:
-            on_step(step)
-        step += 1
-        assert step < 500
-    return step
 
 
 def _ref_logprobs(tiny_base, folder, ids, dtype):
@@ -122,7 +111,7 @@ def test_logprobs_and_prompt_logprobs_equal_a_peft_forward(tiny_base, adapters, 
     scored, scored_sink = _req("scored", PROMPT, "a", logprobs=5, prompt_logprobs=3)
     sampled, sampled_sink = _req("sampled", LONGER, "b", logprobs=0, prompt_logprobs=0, temperature=0.8, seed=3, repetition_penalty=1.3, logit_bias=((777, 8.0),))
     plain, plain_sink = _req("plain", OTHER, None)
-    _run(engine, {0: [plain], 1: [scored, sampled]})
+    run_engine(engine, {0: [plain], 1: [scored, sampled]})
     assert plain_sink.logprobs == [None] * N  # no logprobs asked: the two-argument emit
     assert plain_sink.prompt_logprobs is None
     for request, sink, folder, k_gen, k_prompt in [(scored, scored_sink, adapters["a"], 5, 3), (sampled, sampled_sink, adapters["b"], 0, 0)]:
@@ -149,7 +138,7 @@ def test_scoring_only_prefills_delivers_and_finishes_with_length(tiny_base, adap
     engine = _engine(tiny_base, adapters, max_batch_size=4, max_num_batched_tokens=5, max_prompt_logprob_tokens=3)
     running, running_sink = _req("run", OTHER, "b", n=10)
     score, score_sink = _req("score", PROMPT, "a", n=0, prompt_logprobs=0)
-    _run(engine, {0: [running], 1: [score]})
+    run_engine(engine, {0: [running], 1: [score]})
     assert score_sink.tokens == [] and score_sink.finish == "length" and score_sink.finishes == 1 and score_sink.prompt_calls == 1
     ref = _ref_logprobs(tiny_base, adapters["a"], PROMPT, torch.float32)
     got = torch.tensor([lp.logprob for lp in score_sink.prompt_logprobs[1:]])
@@ -177,7 +166,7 @@ def test_greedy_forks_equal_separate_requests_and_prefill_the_prompt_once(tiny_b
     engine = _engine(tiny_base, adapters, max_batch_size=6, max_num_batched_tokens=4)
     primary, sinks = _group(PROMPT, "a", [N, 5, N], {0: {"logprobs": 1}, 2: {"logprobs": 1}})
     assert primary.rows == 3 and engine.has_capacity(3)
-    _run(engine, {0: [primary]})
+    run_engine(engine, {0: [primary]})
     for sink, n in zip(sinks, [N, 5, N]):
         assert sink.tokens == expected("a", PROMPT, n) and sink.finish == "length" and sink.finishes == 1
     assert sinks[0].logprobs == sinks[2].logprobs  # the same logits for the same tokens
@@ -191,9 +180,9 @@ def test_seeded_forks_equal_separate_requests_with_the_same_seeds(tiny_base, ada
     params = {i: {"temperature": 1.0, "top_p": 0.95, "seed": s} for i, s in enumerate(seeds)}
     engine = _engine(tiny_base, adapters, max_batch_size=6)
     primary, fork_sinks = _group(LONGER, "b", [N, N, N], params)
-    _run(engine, {0: [primary]})
+    run_engine(engine, {0: [primary]})
     separate = [_req(f"s{i}", LONGER, "b", N, **params[i]) for i in range(3)]
-    _run(engine, {0: [r for r, _ in separate]})
+    run_engine(engine, {0: [r for r, _ in separate]})
     assert [s.tokens for s in fork_sinks] == [s.tokens for _, s in separate]
     assert len({tuple(s.tokens) for s in fork_sinks}) > 1  # different seeds really differ
 
@@ -206,7 +195,7 @@ def test_cancelling_one_fork_or_the_primary_leaves_the_others(tiny_base, adapter
     for _ in range(4):
         engine.step()
     primary.forks[0].cancelled = True
-    _run(engine, {})
+    run_engine(engine, {})
     assert sinks[1].finish == "cancelled" and 0 < len(sinks[1].tokens) < N and sinks[1].finishes == 1
     for sink in (sinks[0], sinks[2]):
         assert sink.tokens == expected(None, OTHER) and sink.finish == "length"
@@ -216,7 +205,7 @@ def test_cancelling_one_fork_or_the_primary_leaves_the_others(tiny_base, adapter
     engine.admit(primary)
     engine.step()
     primary.cancelled = True
-    _run(engine, {})
+    run_engine(engine, {})
     assert sinks[0].finish == "cancelled" and sinks[0].tokens == [] and sinks[0].finishes == 1
     assert sinks[1].tokens == expected("b", PROMPT) and sinks[2].tokens == expected("b", PROMPT, 6)
     assert engine.tokens_forwarded - before == len(PROMPT) + (N - 1) + (6 - 1)
@@ -225,7 +214,7 @@ def test_cancelling_one_fork_or_the_primary_leaves_the_others(tiny_base, adapter
     engine.admit(primary)
     engine.step()
     primary.cancelled = primary.forks[0].cancelled = True
-    _run(engine, {})
+    run_engine(engine, {})
     assert [s.finish for s in sinks] == ["cancelled", "cancelled"] and all(s.finishes == 1 and not s.tokens for s in sinks)
     assert engine.kv.used_slots == set() and engine.num_running == 0
 
@@ -373,7 +362,7 @@ def test_constraints_mask_accept_and_terminate_beside_free_rows(tiny_base, adapt
     nothing, nothing_sink = _req("nothing", OTHER, "b", constraint=AllowedSet((), 5))
     free_a, free_a_sink = _req("free-a", PROMPT, "a")
     free_base, free_base_sink = _req("free-base", LONGER, None)
-    _run(engine, {0: [free_a, greedy_set, fixed], 1: [sampled_set, refused, free_base, nothing]})
+    run_engine(engine, {0: [free_a, greedy_set, fixed], 1: [sampled_set, refused, free_base, nothing]})
     assert greedy_sink.finish == "stop" and len(greedy_sink.tokens) == 6
     assert sampled_sink.finish == "stop" and len(sampled_sink.tokens) == 9
     assert set(greedy_sink.tokens) <= allowed and set(sampled_sink.tokens) <= allowed
@@ -394,7 +383,7 @@ def test_constraints_mask_accept_and_terminate_beside_free_rows(tiny_base, adapt
 def test_a_stop_token_allowed_by_the_constraint_ends_the_row_with_stop(tiny_base, adapters):
     engine = _engine(tiny_base, adapters)
     request = EngineRequest("eos", OTHER, None, SamplingParams(max_tokens=10, temperature=0.0), Collector(), constraint=FixedSequence([100, 2]))
-    _run(engine, {0: [request]})
+    run_engine(engine, {0: [request]})
     assert request.emit.tokens == [100] and request.emit.finish == "stop"  # EOS (2) ends it, never emitted
 
 
@@ -413,7 +402,7 @@ def test_mix_rows_equal_peft_weighted_cat_beside_single_adapter_and_base_rows(ti
     single, single_sink = _req("a", PROMPT, "a")
     single_b, single_b_sink = _req("b", LONGER, "b")
     base, base_sink = _req("base", OTHER, None)
-    _run(engine, {0: [single, base], 1: [mixes[0][0], single_b], 2: [mixes[1][0]]})
+    run_engine(engine, {0: [single, base], 1: [mixes[0][0], single_b], 2: [mixes[1][0]]})
     with pytest.raises(KeyError):
         engine.admit(_req("missing", PROMPT, None, mix=(("a", 0.5), ("zzz", 0.5)))[0])
     if dtype == torch.float32:
@@ -486,7 +475,7 @@ def test_onnx_engines_honour_logprobs_constraints_and_penalties(tiny_base, adapt
     else:
         with pytest.raises(ValueError, match="does not support prompt_logprobs"):
             engine.admit(_req("echo", PROMPT, "a", prompt_logprobs=0)[0])
-    _run(engine, {0: requests})
+    run_engine(engine, {0: requests})
     assert scored_sink.tokens == expected("a", PROMPT) and scored_sink.finish == "length"
     ref = _ref_logprobs(tiny_base, adapters["a"], PROMPT + scored_sink.tokens, torch.float32)
     for i, (token, got) in enumerate(zip(scored_sink.tokens, scored_sink.logprobs)):
@@ -529,16 +518,16 @@ def test_stacked_onnx_forks_prefill_once_and_equal_separate_requests(tiny_base, 
     for request in (score, greedy, seeded, plain):
         engine.admit(request)
     assert engine.num_running == 8 and not engine.has_capacity(5)
-    _run(engine, {})
+    run_engine(engine, {})
     assert forward_tokens[0] == len(LONGER) + len(PROMPT) + len(OTHER) + len(OTHER)  # each prompt once, all in one forward
     engine.admit(cancelled)
-    _run(engine, {})
+    run_engine(engine, {})
     assert [s.tokens for s in greedy_sinks] == [expected("a", PROMPT), expected("a", PROMPT, 5), expected("a", PROMPT)]
     assert plain_sink.tokens == expected("a", OTHER) and score_sink.finish == "length"
     assert cancelled_sinks[0].finish == "cancelled" and cancelled_sinks[0].tokens == []
     assert cancelled_sinks[1].tokens == expected(None, LONGER) and cancelled_sinks[2].tokens == expected(None, LONGER, 6)
     separate = [_req(f"s{i}", OTHER, None, N, **seeds[i]) for i in range(3)]
-    _run(engine, {0: [r for r, _ in separate]})
+    run_engine(engine, {0: [r for r, _ in separate]})
     assert [s.tokens for s in seeded_sinks] == [s.tokens for _, s in separate]
     assert len({tuple(s.tokens) for s in seeded_sinks}) > 1
     assert all(s.finishes == 1 for s in (*greedy_sinks, *seeded_sinks, *cancelled_sinks, plain_sink, score_sink))
