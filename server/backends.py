@@ -126,10 +126,12 @@ def _torch_backend(settings: ServerSettings) -> Backend:
         max_model_len=settings.max_model_len,
         device=device,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        int4_decode_rows=settings.int4_decode_rows,
     )
 
     dtype = str(getattr(engine, "dtype", "")).replace("torch.", "")
-    return Backend(ref, tokenizer, engine, shapes, f"torch {dtype}, quantization {quantize} on {device}", torch_payload)
+    forward = engine.forward_path + (f" (int4 decode GEMMs {engine.lean.int4_reason})" if engine.lean is not None else "")
+    return Backend(ref, tokenizer, engine, shapes, f"torch {dtype}, quantization {quantize} on {device}, {forward} forward", torch_payload)
 
 
 def _onnx_backend(settings: ServerSettings) -> Backend:

@@ -40,6 +40,11 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int = Field(
         512, ge=1, description="torch backend: tokens per engine step (one per decoding sequence, the rest prompt chunks)"
     )
+    int4_decode_rows: int = Field(
+        8,
+        ge=0,
+        description="torch backend on CPU at bf16, when the base's weights are exactly int4 (the embedded Q4_1 base): steps of at most this many rows use int4 weight-only GEMMs; 0 = never",
+    )
     max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
     max_mix_adapters: int = Field(4, ge=1, description="adapters one weighted mix may combine (the adapters field or model 'a:0.7+b:0.3'; docs/mixes.md)")

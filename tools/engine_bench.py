@@ -67,7 +67,7 @@ def adapter_file_mib(modules: dict) -> float:
     return sum((w.a.numel() + w.b.numel()) * 4 for w in modules.values()) / 2**20
 
 
-def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_module: str = "loraplex.server.engine.engine"):
+def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_module: str = "loraplex.server.engine.engine", int4_rows: int | None = None):
     import importlib
 
     from loraplex.server.basemodel import load_base_model, resolve_base
@@ -83,6 +83,8 @@ def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_mod
     kwargs = {"max_batch_size": max_batch_size, "max_model_len": 2048}
     if budget and hasattr(engine_mod.Engine, "admit"):
         kwargs["max_num_batched_tokens"] = budget
+    if int4_rows is not None:
+        kwargs["int4_decode_rows"] = int4_rows
     engine = engine_mod.Engine(model, eos_token_ids=[2], **kwargs)
     return model, engine
 
@@ -289,11 +291,28 @@ def profile_phase(phase: str, engine, names, args) -> None:
 
 
 #: --ab switches: name -> (label of A, label of B, a function that sets the switch)
-def _ab_switches() -> dict:
+def _ab_switches(engine) -> dict:
     from loraplex.server.engine import lora
 
     small = lora.SMALL_M_FP32
+    lean = engine.lean
+
+    def use_lean(on: bool) -> None:
+        if lean is not None and not on:  # transformers' forward at its best: per-module prepacked weights again
+            for module in engine.layers.values():
+                module.restore_packed()
+        engine.lean = lean if on else None
+
+    def use_int4(on: bool) -> None:
+        rows = lean.int4_rows if lean is not None else 0
+        for layer in lean.layers if lean is not None else ():
+            for fused in layer.fused:
+                fused.int4_rows = rows if on else 0
+
     return {
+        "lean": ("lean", "transformers", use_lean),
+        "int4": ("int4", "bf16_gemm", use_int4),
+        "grouped": ("grouped_lora", "per_module_lora", lambda on: lora.GROUPED_LORA.__setitem__("enabled", on)),
         "packed": ("packed", "plain", lambda on: lora.PACKED_LINEARS.__setitem__("enabled", on)),
         "small_fp32": ("small_fp32", "bf16_lora", lambda on: setattr(lora, "SMALL_M_FP32", small if on else 0)),
     }
@@ -310,11 +329,12 @@ def main() -> None:
     p.add_argument("--out-tokens", type=int, default=64)
     p.add_argument("--budget", type=int, default=0, help="max_num_batched_tokens (0 = engine default)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    p.add_argument("--int4-rows", type=int, default=None, help="the engine's int4_decode_rows (default: the engine's default)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: packed, small_fp32)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     args = p.parse_args()
     if args.threads:
@@ -325,7 +345,7 @@ def main() -> None:
 
         ceilings = measure_ceilings()
         print(json.dumps({"ceilings": ceilings}), flush=True)
-    model, engine = build_engine(args.dtype, max(args.concurrency, 64), args.budget, args.engine_module)
+    model, engine = build_engine(args.dtype, max(args.concurrency, 64), args.budget, args.engine_module, args.int4_rows)
     memory: dict = {}
     names = install(engine, model, args.adapters, args.rank, memory)
     print(json.dumps({"memory": memory, "dtype": args.dtype}), flush=True)
@@ -336,7 +356,7 @@ def main() -> None:
     phases = args.phases.split(",")
     variants: list[tuple[str, object]] = [("", None)]
     if args.ab:
-        label_a, label_b, switch = _ab_switches()[args.ab]
+        label_a, label_b, switch = _ab_switches(engine)[args.ab]
         variants = [(label_a, lambda: switch(True)), (label_b, lambda: switch(False))]
     for _ in range(args.repeat):
         for phase in phases:

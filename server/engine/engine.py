@@ -5,8 +5,10 @@ A step takes one token from every decoding row, then fills the rest of the token
 (``max_num_batched_tokens``) with prompt chunks of admitted rows, oldest first: several prompts
 are prefilled together, a long prompt is split over several steps, and a burst of arrivals never
 stops the running streams. All of the step's tokens go through the model flattened, ``[1, N]``,
-each with its own position, KV slot (``kvcache.py``) and adapter slot (``lora.py``); logits are
-computed only for the rows that sample, and sampling is one batched pass (``sampling.py``).
+each with its own position, KV slot (``kvcache.py``) and adapter slot (``lora.py``), through
+the lean Llama forward (``llama_forward.py``, with int4 GEMMs for small steps on an int4 base,
+``int4.py``) where the model allows it, else transformers' forward; logits are computed only for
+the rows that sample, and sampling is one batched pass (``sampling.py``).
 
 Per-request features (all of ``rows.ALL_FEATURES``):
 - prompt logprobs (echo): a row that asks keeps the logits of every position of its prefill
@@ -34,6 +36,7 @@ from typing import Mapping, Sequence
 import torch
 
 from loraplex.server.engine.kvcache import ATTENTION_NAME, KvCache, register_attention
+from loraplex.server.engine.llama_forward import LlamaStepForward, why_not_supported
 from loraplex.server.engine.lora import LoraBatchContext, inject_multi_lora
 from loraplex.server.engine.protocol import EngineStats
 from loraplex.server.engine.rows import (  # noqa: F401  (re-exported: the scheduler and service import them from here)
@@ -123,6 +126,8 @@ class Engine(RowEngine):
         device: str = "cpu",
         max_num_batched_tokens: int = 512,
         max_prompt_logprob_tokens: int = 128,
+        lean_forward: bool = True,
+        int4_decode_rows: int = 8,
     ) -> None:
         super().__init__(eos_token_ids=eos_token_ids, max_batch_size=max_batch_size, max_model_len=max_model_len)
         if max_num_batched_tokens < 1:
@@ -152,6 +157,16 @@ class Engine(RowEngine):
         )
         register_attention()
         model.config._attn_implementation = ATTENTION_NAME
+        # the lean Llama forward (llama_forward.py) where the model allows it, else transformers'
+        self.lean: LlamaStepForward | None = None
+        self.forward_path = "transformers"
+        reason = why_not_supported(model, self.dtype) if lean_forward else "turned off (lean_forward=False)"
+        if reason is None:
+            self.lean = LlamaStepForward(model, max_len=max_model_len, dtype=self.dtype, device=self.device, int4_rows=int4_decode_rows)
+            self.forward_path = "lean"
+            log.info("engine forward: lean Llama; int4 decode GEMMs %s", self.lean.int4_reason)
+        else:
+            log.info("engine forward: transformers' (%s)", reason)
         self.running: list[_Row] = []
 
     # ------------------------------------------------------------- adapters
@@ -320,16 +335,20 @@ class Engine(RowEngine):
                 keep_index.append(chunk.token_start + n - 1)
         for row in decode:
             row.length += 1
-        ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, N]
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)  # [N]
+        keep = torch.tensor(keep_index, dtype=torch.long, device=self.device)  # [K]
         self.tokens_forwarded += len(token_ids)
-        out = self.model(
-            input_ids=ids,
-            position_ids=plan.token_pos[None],  # [1, N]
-            use_cache=False,
-            loraplex_plan=plan,
-            logits_to_keep=torch.tensor(keep_index, dtype=torch.long, device=self.device),
-        )
-        logits = out.logits[0]  # [K, vocab]
+        if self.lean is not None:
+            logits = self.lean(ids, plan.token_pos, plan, keep)  # [K, vocab]
+        else:
+            out = self.model(
+                input_ids=ids[None],  # [1, N]
+                position_ids=plan.token_pos[None],  # [1, N]
+                use_cache=False,
+                loraplex_plan=plan,
+                logits_to_keep=keep,
+            )
+            logits = out.logits[0]  # [K, vocab]
         # rows that sample this step (with their logits row): every decoding row, and the rows
         # (primaries and their forks) whose prompt ends in this chunk
         samplers: list[_Row] = list(decode)

@@ -8,11 +8,12 @@ in rows up to ``max_rows`` and in positions up to ``max_len``; a growth copies t
 (at most log2 times over a server's life), never per step.
 
 A step's tokens arrive flattened, ``[1, N]`` (decode tokens first, one per decoding row, then the
-prefill chunks): :class:`StepPlan` says where each token goes. The attention is registered with
-transformers as the implementation ``loraplex_rows``: the model's own attention modules compute
-q/k/v and rotary embeddings, then call :func:`rows_attention`, which writes k/v into the buffers
-and attends (one batched SDPA over the decoding rows, one per prefill chunk). Knows nothing of
-adapters, requests or tokenizers.
+prefill chunks): :class:`StepPlan` says where each token goes. :meth:`KvCache.attend_flat`
+writes a layer's new k/v into the buffers and attends (one batched SDPA over the decoding rows,
+one per prefill chunk); the engine's lean forward calls it directly, and for other models it is
+registered with transformers as the attention implementation ``loraplex_rows`` (the model's own
+modules compute q/k/v and rotary, then call :func:`rows_attention`). Knows nothing of adapters,
+requests or tokenizers.
 """
 
 from __future__ import annotations
@@ -192,18 +193,23 @@ class KvCache:
         )
 
     def attend(self, layer: int, plan: StepPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
-        """query [1, heads, N, d], key/value [1, kv_heads, N, d] (rotary applied) -> [1, N, heads, d]."""
+        """transformers' layout: query [1, heads, N, d], key/value [1, kv_heads, N, d] (rotary
+        applied) -> [1, N, heads, d]."""
+        out = self.attend_flat(layer, plan, query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), scaling)
+        return out[None].to(query.dtype)
+
+    def attend_flat(self, layer: int, plan: StepPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> torch.Tensor:
+        """q [N, heads, d], k/v [N, kv_heads, d] (rotary applied): write k/v at each token's
+        (slot, position), attend -> [N, heads, d] at the cache's dtype."""
         k_buf, v_buf = self.keys[layer], self.values[layer]  # [rows, kv_heads, cap, d]
-        k_new = key[0].transpose(0, 1).to(k_buf.dtype)  # [N, kv_heads, d]
-        v_new = value[0].transpose(0, 1).to(v_buf.dtype)
-        k_buf[plan.token_slots, :, plan.token_pos] = k_new
-        v_buf[plan.token_slots, :, plan.token_pos] = v_new
-        q = query[0].to(k_buf.dtype)  # [heads, N, d]
+        k_buf[plan.token_slots, :, plan.token_pos] = k.to(k_buf.dtype)
+        v_buf[plan.token_slots, :, plan.token_pos] = v.to(v_buf.dtype)
+        q = q.to(k_buf.dtype)
         parts: list[torch.Tensor] = []
         nd = plan.num_decode
         if nd:
-            heads, _, d = q.shape
-            q_dec = q[:, :nd].transpose(0, 1)[:, :, None, :]  # [nd, heads, 1, d]
+            _, heads, d = q.shape
+            q_dec = q[:nd, :, None, :]  # [nd, heads, 1, d]
             if plan.decode_in_order:  # rows 0..nd-1 decode, in order (every row, or one stream)
                 q_rows = q_dec
             else:
@@ -221,7 +227,7 @@ class KvCache:
         for chunk in plan.chunks:
             end = chunk.start_pos + chunk.n
             out = F.scaled_dot_product_attention(
-                q[None, :, chunk.token_start : chunk.token_start + chunk.n],
+                q[chunk.token_start : chunk.token_start + chunk.n].transpose(0, 1)[None],  # [1, heads, n, d]
                 k_buf[chunk.slot : chunk.slot + 1, :, :end],
                 v_buf[chunk.slot : chunk.slot + 1, :, :end],
                 attn_mask=chunk.mask,
@@ -230,8 +236,7 @@ class KvCache:
                 enable_gqa=True,
             )  # [1, heads, n, d]
             parts.append(out[0].transpose(0, 1))  # [n, heads, d]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        return out[None].to(query.dtype)  # [1, N, heads, d]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)  # [N, heads, d]
 
 
 def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, loraplex_plan: StepPlan | None = None, **kwargs):

@@ -116,7 +116,7 @@ class LoraBatchContext:
         return found
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor | None:
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's prepacked form of a bf16 CPU Linear weight [out, in], or None where unavailable."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return None
@@ -126,7 +126,7 @@ def _pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``F.linear(x, W, bias)`` on the prepacked W (bit-identical); x [..., in] -> [..., out]."""
     x2 = x.reshape(-1, x.shape[-1])
     y = torch.ops.mkldnn._linear_pointwise(x2, packed, bias, "none", [], "")  # [M, out]
@@ -153,7 +153,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if PACKED_LINEARS["enabled"] and x.dtype == torch.bfloat16:
-            return _packed_linear(x, self.packed, self.base_layer.bias, self.out_features)
+            return packed_linear(x, self.packed, self.base_layer.bias, self.out_features)
         return self.base_layer(x)
 
 
@@ -193,8 +193,9 @@ class MultiLoraLinear(nn.Module):
         self._plan: tuple | None = None  # ((ctx.used, rows version), how to read the rows)
         self._rows_version = 0
         # oneDNN-prepacked bf16 weight for a plain CPU nn.Linear (bitsandbytes layers are subclasses: not packed)
-        self._packed = _pack(base.weight) if type(base) is nn.Linear else None
+        self._packed = pack_weight(base.weight) if type(base) is nn.Linear else None
         self.stack_a = None  # kept for callers that check it
+        self._single_f32: tuple | None = None  # ((slot, rows version), A^T [in, r], B [r, out]) fp32, see add_lora
 
     # ------------------------------------------------------------- weights
     @property
@@ -335,8 +336,17 @@ class MultiLoraLinear(nn.Module):
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed
         if packed is not None and PACKED_LINEARS["enabled"] and x.dtype == torch.bfloat16:
-            return _packed_linear(x, packed, self.base_layer.bias, self.out_features)
+            return packed_linear(x, packed, self.base_layer.bias, self.out_features)
         return self.base_layer(x)
+
+    def drop_packed(self) -> None:
+        """Forget the prepacked base weight (a fused GEMM computes this projection's base now)."""
+        self._packed = None
+
+    def restore_packed(self) -> None:
+        """Prepack the base weight again (tools/engine_bench.py's A/B against transformers' forward)."""
+        if self._packed is None and type(self.base_layer) is nn.Linear:
+            self._packed = pack_weight(self.base_layer.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._base(x)
@@ -346,42 +356,125 @@ class MultiLoraLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [N, in]
         if x2.dtype != self.dtype:
             x2 = x2.to(self.dtype)
+        if y.dtype == self.dtype and y.is_contiguous():
+            self.add_lora(x2, y.view(-1, self.out_features))
+            return y
+        y2 = torch.zeros(x2.shape[0], self.out_features, dtype=self.dtype, device=x2.device)
+        self.add_lora(x2, y2)
+        return y + y2.to(y.dtype).view(y.shape)
+
+    def add_lora(self, x2: torch.Tensor, y2: torch.Tensor) -> None:
+        """``y2 += LoRA(x2)`` for this step's tokens, in place: x2 [N, in], y2 [N, out] at the
+        LoRA dtype (may be a column slice of a fused projection's output)."""
+        ctx = self.context
+        if not ctx.used or not self.row_of:
+            return
         blocks = self.blocks
         small = x2.shape[0] <= SMALL_M_FP32 and self.dtype == torch.bfloat16 and x2.device.type == "cpu"
-        in_place = y.dtype == self.dtype and y.is_contiguous()
-        y2 = y.view(-1, self.out_features) if in_place else torch.zeros(x2.shape[0], self.out_features, dtype=self.dtype, device=x2.device)
         if ctx.single:  # one adapter for every token: y += (x @ A^T) @ B
             found = self.row_of.get(ctx.used[0])
             if found is None:
-                return y
+                return
             block, start, rank = found
             rows_a, rows_b = blocks[block]
             a, b = rows_a[start : start + rank], rows_b[start : start + rank]  # [r, in], [r, out]
             if small:
                 # a few tokens (decode of one or a few streams): the bf16 GEMM's fixed cost (~35 us a
-                # call here) dwarfs the work; fp32 on the fly is ~4x cheaper, and no less exact
-                y2.add_((x2.float() @ a.float().T) @ b.float())  # [N, out] += ([N, in] @ [in, r]) @ [r, out], fp32
+                # call here) dwarfs the work; fp32 is ~4x cheaper, and no less exact. The fp32
+                # copy of this one slot's rows is kept while the same slot streams alone (one
+                # slot per layer: at most the adapter's own fp32 file size, freed on the next mix)
+                key = (ctx.used[0], self._rows_version)
+                cached = self._single_f32
+                if cached is None or cached[0] != key:
+                    cached = self._single_f32 = (key, a.float().T.contiguous(), b.float())  # [in, r], [r, out]
+                y2.add_((x2.float() @ cached[1]) @ cached[2])  # [N, out] += ([N, in] @ [in, r]) @ [r, out], fp32
             else:
                 y2.addmm_(x2 @ a.T, b)  # [N, out] += [N, r] @ [r, out]
-        else:
-            plan = self._rows_plan(ctx)
+            return
+        self._single_f32 = None
+        plan = self._rows_plan(ctx)
+        for block, key, lo, hi, columns, index in plan:
+            rows_a, rows_b = blocks[block]
+            if index is None:
+                a, b = rows_a[lo:hi], rows_b[lo:hi]  # views: [R, in], [R, out]
+            else:
+                a, b = rows_a.index_select(0, index), rows_b.index_select(0, index)
+            if small:  # as above, fp32 for a few tokens
+                delta_in = (x2.float() @ a.float().T).mul_(ctx.mask(key, columns, torch.float32))  # [N, R]
+                y2.add_(delta_in @ b.float())
+            else:
+                delta_in = (x2 @ a.T).mul_(ctx.mask(key, columns, self.dtype))  # [N, R]: each token's own slots' rows, weighted
+                y2.addmm_(delta_in, b)  # [N, out] += [N, R] @ [R, out]
+
+
+#: read the LoRA A rows of projections that share an input (q/k/v, gate/up) in one GEMM; a
+#: switch so tools/engine_bench.py can compare both in one process
+GROUPED_LORA = {"enabled": True}
+
+
+class LoraGroup:
+    """Projections that read the same input (q/k/v; gate/up), each adding its LoRA delta into its
+    own column span of one fused output. In a mixed step of more than ``SMALL_M_FP32`` tokens their
+    used A rows are read by ONE GEMM over a copy ``A_cat [R_q + R_k + ..., in]`` (rebuilt when
+    the used slots or any member's rows change; it holds only the used slots' A rows), the
+    per-token mask is applied once, and each member's B rows (read in place) add into its span:
+    ``2 + members`` ops instead of ``3 x members``. Single-adapter and small steps, and rows
+    spread over several blocks, use each member's own ``add_lora``."""
+
+    def __init__(self, modules: Sequence[MultiLoraLinear]) -> None:
+        self.modules = tuple(modules)
+        self._cache: tuple | None = None  # (key, A_cat [R, in], columns [R], mask key, per member (block, lo, hi, index, r0, r1))
+
+    def _members(self, ctx: LoraBatchContext) -> tuple | None:
+        key = (ctx.used, tuple(m._rows_version for m in self.modules))
+        cached = self._cache
+        if cached is not None and cached[0] == key:
+            return cached
+        parts, columns, layout, members = [], [], [], []
+        start = 0
+        for module in self.modules:
+            plan = module._rows_plan(ctx) if module.row_of else []
+            if len(plan) > 1:
+                self._cache = None
+                return None  # rows in several blocks: per member
             if not plan:
-                return y
-            for block, key, lo, hi, columns, index in plan:
-                rows_a, rows_b = blocks[block]
-                if index is None:
-                    a, b = rows_a[lo:hi], rows_b[lo:hi]  # views: [R, in], [R, out]
-                else:
-                    a, b = rows_a.index_select(0, index), rows_b.index_select(0, index)
-                if small:  # as above, fp32 for a few tokens
-                    delta_in = (x2.float() @ a.float().T).mul_(ctx.mask(key, columns, torch.float32))  # [N, R]
-                    y2.add_(delta_in @ b.float())
-                else:
-                    delta_in = (x2 @ a.T).mul_(ctx.mask(key, columns, self.dtype))  # [N, R]: each token's own slots' rows, weighted
-                    y2.addmm_(delta_in, b)  # [N, out] += [N, R] @ [R, out]
-        if in_place:
-            return y
-        return y + y2.to(y.dtype).view(y.shape)
+                members.append(None)
+                continue
+            block, mask_key, lo, hi, cols, index = plan[0]
+            rows_a = module.blocks[block][0]
+            a = rows_a[lo:hi] if index is None else rows_a.index_select(0, index)  # [R_i, in]
+            parts.append(a)
+            columns.append(cols)
+            layout.append(mask_key)
+            members.append((block, lo, hi, index, start, start + a.shape[0]))
+            start += a.shape[0]
+        if not parts:
+            self._cache = None
+            return None
+        self._cache = (key, torch.cat(parts), torch.cat(columns), ("group", *layout), tuple(members))
+        return self._cache
+
+    def add_lora(self, x2: torch.Tensor, y2: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
+        """``y2[:, span_i] += LoRA_i(x2)`` for every member: x2 [N, in], y2 [N, sum(out)]."""
+        ctx = self.modules[0].context
+        if not ctx.used:
+            return
+        first = self.modules[0]
+        small = x2.shape[0] <= SMALL_M_FP32 and first.dtype == torch.bfloat16 and x2.device.type == "cpu"
+        found = None if (ctx.single or small or not GROUPED_LORA["enabled"]) else self._members(ctx)
+        if found is None:
+            for module, (lo, hi) in zip(self.modules, spans):
+                module.add_lora(x2, y2[:, lo:hi])
+            return
+        _, a_cat, columns, mask_key, members = found
+        delta_in = (x2 @ a_cat.T).mul_(ctx.mask(mask_key, columns, first.dtype))  # [N, R]: each token's own slots' rows, weighted
+        for module, (lo, hi), member in zip(self.modules, spans, members):
+            if member is None:
+                continue
+            block, row_lo, row_hi, index, r0, r1 = member
+            rows_b = module.blocks[block][1]
+            b = rows_b[row_lo:row_hi] if index is None else rows_b.index_select(0, index)  # [R_i, out]
+            y2[:, lo:hi].addmm_(delta_in[:, r0:r1], b)  # [N, out_i] += [N, R_i] @ [R_i, out_i]
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -407,7 +500,7 @@ def inject_multi_lora(
     wrapped: dict[str, MultiLoraLinear] = {}
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and name.rsplit(".", 1)[-1] in exclude:  # the lm_head: no LoRA, prepacked bf16
-            packed = _pack(module.weight)
+            packed = pack_weight(module.weight)
             if packed is not None:
                 parent_name, _, child = name.rpartition(".")
                 parent = model.get_submodule(parent_name) if parent_name else model
