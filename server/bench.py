@@ -597,7 +597,7 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
                             "adapter_file_mib": round(file_bytes / 2**20, 2), "rss_growth_over_file_size": round(growth / (file_bytes / 2**20), 2)}
     if peer is not None:
         report["peer_llama_server"] = peer
-        if peer.get("mixed", {}).get("output_tok_per_s"):
+        if "mixed" in phases and peer.get("mixed", {}).get("output_tok_per_s"):
             report["ratios"]["mixed_over_llama_server_mixed"] = round(phases["mixed"].tok_per_s / peer["mixed"]["output_tok_per_s"], 2)
     if hot:
         report["hotload"] = {
@@ -638,6 +638,8 @@ def _run_peer(args, ref, store: Path, serving: list[str], work: Path, common: di
     try:
         for name, kwargs in (("mixed", dict(adapters=serving, mix=args.mix)), ("base", dict(adapters=[], mix="base")),
                              ("single", dict(adapters=serving, mix="uniform", concurrency=1, requests=max(1, args.single_stream_requests)))):
+            if name not in set(getattr(args, "phases", DEFAULT_PHASES)):
+                continue  # the peer runs the phases our server runs, no more
             run = {**common, **kwargs}
             done = progress.phase(f"llama-server {name}", run["requests"])
             results[name] = asyncio.run(run_load(url, name, body_for=body, on_done=done, **run)).summary()

@@ -15,6 +15,8 @@ pipeline of small named steps:
     account   finish reason, metrics, the key's tokens, the adapters released
 
 Cancellation is a scheduler command (``Scheduler.cancel``): only the engine thread ends a row.
+What the engine thread emits (tokens, finishes, admissions) reaches the event loop through an
+``Outbox``: one loop wakeup per scheduler pass, not one per token.
 Every limit is checked here (values in ``server/validation.py``), so HTTP and gRPC share them.
 Knows the tokenizer, the scheduler's request types and the registry; nothing of HTTP or gRPC.
 """
@@ -193,6 +195,57 @@ class Flight:
         return [c.engine_request for c in self.choices]
 
 
+class Outbox:
+    """Engine thread -> event loop: callbacks posted from the engine thread during one scheduler
+    pass (every row's token of a step, finishes, admissions) run on the loop in ONE wakeup, when
+    the pass ends (``Scheduler.after_pass``), in the order they were posted; posted from any
+    other thread they are handed over at once. One ``call_soon_threadsafe`` per pass instead of
+    one per token: the loop wakes once per step, and the engine thread writes the loop's wakeup
+    pipe once per step."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, deferred: Callable[[], bool]) -> None:
+        self.loop = loop
+        self._deferred = deferred  # True on the engine thread: its pass ends with ``flush``
+        self._items: list[tuple[Callable[..., Any], tuple]] = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def post(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the loop (any thread)."""
+        with self._lock:
+            self._items.append((fn, args))
+            if self._scheduled or self._deferred():
+                return
+            self._scheduled = True
+        self._wake()
+
+    def flush(self) -> None:
+        """The engine thread's pass ended: hand what it posted to the loop (one wakeup)."""
+        with self._lock:
+            if self._scheduled or not self._items:
+                return
+            self._scheduled = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is closed (shutdown): nobody is left to read these
+            with self._lock:
+                self._items.clear()
+                self._scheduled = False
+
+    def _drain(self) -> None:  # event loop
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for fn, args in items:
+            try:
+                fn(*args)
+            except Exception as exc:  # one failing callback never costs the others their delivery
+                self.loop.call_exception_handler({"message": f"Outbox callback {fn!r} failed", "exception": exc})
+
+
 _STRUCTURED_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
@@ -264,6 +317,7 @@ class Generation:
         self.readiness = readiness
         self.base_name = base_name
         self.inflight: dict[int, EngineRequest] = {}
+        self._outbox: Outbox | None = None  # bound to the running loop by the first request
         self.pieces = TokenPieces(tokenizer) if tokenizer is not None else None
         self.structured = StructuredOutput(tokenizer, lambda: getattr(scheduler, "vocab_size", None) or len(tokenizer))
         # one thread: tokenizer calls are never concurrent with each other off the loop
@@ -537,20 +591,24 @@ class Generation:
         gets a new one; a mix names each member's copy), one fork per further choice, the
         shared event queue, clocks and timeout; counted as waiting and in flight."""
         loop = asyncio.get_running_loop()
+        outbox = self.outbox(loop)
+        post = outbox.post
         tokens: asyncio.Queue = asyncio.Queue()
         clock = RequestClock(self.metrics, plan.labels)
+        put = tokens.put_nowait
+        now = time.perf_counter
 
         def emitter(index: int):
             def emit(token: int | None, finish: str | None, logprob: Any = None) -> None:  # engine thread
-                loop.call_soon_threadsafe(tokens.put_nowait, (index, token, finish, logprob, time.perf_counter()))
+                post(put, (index, token, finish, logprob, now()))
 
             return emit
 
         def admitted() -> None:  # engine thread: the request left the queue for the batch
-            loop.call_soon_threadsafe(clock.admitted, time.perf_counter())
+            post(clock.admitted, now())
 
         def prompt_scored(scores: list) -> None:  # engine thread, once, before the first token
-            loop.call_soon_threadsafe(tokens.put_nowait, (-1, None, None, scores, time.perf_counter()))
+            post(put, (-1, None, None, scores, now()))
 
         adapter = leases[0].engine_name if leases and plan.mix is None else None
         extra: dict[str, Any] = {}
@@ -582,6 +640,24 @@ class Generation:
         if self.settings.request_timeout:
             flight.timer = loop.call_later(self.settings.request_timeout, self._cancel_all, flight, FINISH_TIMEOUT)
         return flight
+
+    def outbox(self, loop: asyncio.AbstractEventLoop) -> Outbox:
+        """The loop's ``Outbox``, flushed at the end of every scheduler pass (a scheduler without
+        passes, as in unit tests, gets deliveries at once)."""
+        if self._outbox is None or self._outbox.loop is not loop:
+            on_engine_thread = getattr(self.scheduler, "on_engine_thread", None)
+            first, previous = self._outbox is None, self._outbox
+            self._outbox = Outbox(loop, on_engine_thread or (lambda: False))
+            if previous is not None:
+                previous.flush()  # a previous loop's last deliveries (tests run several loops)
+            if first and on_engine_thread is not None:
+                self.scheduler.after_pass(self._flush_outbox)
+        return self._outbox
+
+    def _flush_outbox(self) -> None:  # engine thread, end of every pass
+        outbox = self._outbox
+        if outbox is not None:
+            outbox.flush()
 
     def _cancel_all(self, flight: Flight, reason: str) -> None:
         for choice in flight.choices:

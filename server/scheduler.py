@@ -11,6 +11,11 @@ A request with forks (n > 1) takes ``1 + len(forks)`` engine rows and is admitte
 engine has that many free (first come, first served: it is not overtaken). A request cancelled
 while queued leaves the queue; its forks that are not cancelled stay, the first of them taking
 its place (cancelling one choice never ends the others).
+
+Hooks (``after_pass``) run on the engine thread at the end of every pass of its loop (commands,
+admission, one ``engine.step()``), whatever happened in it: the service delivers everything the
+engine emitted during the pass to the event loop in one wakeup there (``on_engine_thread`` tells
+an emit callback that such a hook will run). A hook that raises is logged; the engine goes on.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Scheduler:
         self._stop = False
         self.steps = 0
         self.on_step = on_step  # engine thread, after every step (the batch-size metric)
+        self._after_pass: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._loop, name="loraplex-engine", daemon=True)
 
     def start(self) -> None:
@@ -76,6 +82,17 @@ class Scheduler:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout)
+
+    def after_pass(self, hook: Callable[[], None]) -> None:
+        """Run ``hook()`` on the engine thread at the end of every pass of its loop (after the
+        step; also after a pass that only ran commands or cancellations). A hook that raises is
+        logged; the engine goes on."""
+        self._after_pass.append(hook)
+
+    def on_engine_thread(self) -> bool:
+        """True when called from the engine thread (inside a pass: its ``after_pass`` hooks run
+        before the thread waits again)."""
+        return threading.get_ident() == self._thread.ident
 
     @property
     def num_waiting(self) -> int:
@@ -135,23 +152,33 @@ class Scheduler:
                     break
                 commands = list(self.commands)
                 self.commands.clear()
-            self._apply_cancels()
-            self._drop_cancelled_waiting()
-            for fn, future in commands:
-                try:
-                    future.set_result(fn(self.engine))
-                except BaseException as exc:  # the caller gets the error; the engine goes on
-                    future.set_exception(exc)
-            self._admit()
-            if self.engine.num_running:
-                try:
-                    self.engine.step()
-                except Exception:
-                    log.exception("engine step failed; ending the running requests")
-                    self.engine.fail_all(FINISH_ERROR)
-            self.steps += 1
-            if self.on_step is not None:
-                self.on_step()
+            try:
+                self._pass(commands)
+            finally:
+                for hook in self._after_pass:
+                    try:
+                        hook()
+                    except Exception:  # a delivery or metrics hook must never stop the engine thread
+                        log.exception("after-pass hook failed")
+
+    def _pass(self, commands: list[tuple[Callable[[Engine], Any], Future]]) -> None:
+        self._apply_cancels()
+        self._drop_cancelled_waiting()
+        for fn, future in commands:
+            try:
+                future.set_result(fn(self.engine))
+            except BaseException as exc:  # the caller gets the error; the engine goes on
+                future.set_exception(exc)
+        self._admit()
+        if self.engine.num_running:
+            try:
+                self.engine.step()
+            except Exception:
+                log.exception("engine step failed; ending the running requests")
+                self.engine.fail_all(FINISH_ERROR)
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step()
 
     def _drop_cancelled_waiting(self) -> None:
         """Requests cancelled or timed out while still queued leave the queue at once (their

@@ -6,6 +6,10 @@
    of each task: the answer up to EOS, and 20 tokens forced past EOS (strict).
 2. Task accuracy on each adapter's full held-out split (reproduced from its training report's
    config): torch (peft ``PeftModel``) vs the int4 export served by plain onnxruntime-genai.
+3. With ``--aware-adapters DIR`` (the same adapters trained with ``--quantization_aware
+   onnx-int4``): a side-by-side table per adapter, plain vs int4-aware, torch vs int4, and whether
+   each int4 score is within ``--tolerance`` (1 point) of the same adapter's torch score
+   (``side_by_side`` in the report; printed as a markdown table).
 
 A tool, not a package module: it uses both the training package (splits, prompts, metrics) and
 the server's export, which the packages themselves must not mix.
@@ -45,7 +49,77 @@ def og_greedy(model, adapters, name: str | None, prompt: list[int], max_new: int
     return out
 
 
+AWARE_SUFFIX = "-int4aware"
+
+
+def side_by_side(accuracy: dict[str, dict], tolerance: float = 0.01) -> list[dict]:
+    """One row per plain-trained adapter of ``accuracy`` (the report's section): its torch and int4
+    scores beside those of ``NAME-int4aware`` when that was measured (else None), and whether each
+    int4 score is within ``tolerance`` of the same adapter's torch score."""
+    rows = []
+    for name, plain in accuracy.items():
+        if name.endswith(AWARE_SUFFIX):
+            continue
+        aware = accuracy.get(name + AWARE_SUFFIX)
+        row = {
+            "adapter": name,
+            "metric": plain["metric"],
+            "plain_torch": plain["torch"],
+            "plain_int4": plain["onnx_int4"],
+            "plain_int4_within_tolerance": abs(plain["onnx_int4"] - plain["torch"]) <= tolerance + 1e-9,
+            "aware_torch": aware["torch"] if aware else None,
+            "aware_int4_weights_in_torch": aware["manifest_adapter_score"] if aware else None,
+            "aware_int4": aware["onnx_int4"] if aware else None,
+            "aware_int4_within_tolerance": (abs(aware["onnx_int4"] - aware["torch"]) <= tolerance + 1e-9) if aware else None,
+        }
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict], tolerance: float = 0.01) -> str:
+    """``side_by_side`` rows as the table docs/onnx.md quotes."""
+    def fmt(x) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    def ok(x) -> str:
+        return "-" if x is None else ("yes" if x else "**no**")
+
+    points = f"{tolerance * 100:g}"
+    lines = [
+        f"| adapter | metric | plain: torch | plain: onnx int4 | plain: int4 within {points} pt | int4-aware: torch | "
+        f"int4-aware: int4 weights in torch | int4-aware: onnx int4 | int4-aware: int4 within {points} pt |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['adapter']} | {r['metric']} | {fmt(r['plain_torch'])} | {fmt(r['plain_int4'])} | {ok(r['plain_int4_within_tolerance'])} | "
+            f"{fmt(r['aware_torch'])} | {fmt(r['aware_int4_weights_in_torch'])} | {fmt(r['aware_int4'])} | {ok(r['aware_int4_within_tolerance'])} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--adapters", default="sentiment,extract,datefmt")
+    parser.add_argument("--agreement-prompts", type=int, default=20, help="held-out prompts per task for token agreement")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N held-out records per task (0 = all)")
+    parser.add_argument("--output", default=str(REPO / "docs" / "onnx" / "report.json"))
+    parser.add_argument("--builder-option", action="append", default=[], help="for the int4 export (see loraplex export-onnx --help)")
+    parser.add_argument("--agreement-only", action="store_true", help="recompute only the agreement section of an existing --output")
+    parser.add_argument("--aware-adapters", default="", help="a folder of the same adapters trained with train-adapter --quantization_aware onnx-int4 "
+                        "(same names); each is reported beside its plain-trained one as NAME-int4aware")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="int4 vs torch difference still counted as kept (default 0.01 = 1 point)")
+    parser.add_argument("--table-only", action="store_true", help="measure nothing: recompute the side-by-side table of an existing --output "
+                        "from its accuracy section, print it and write it back")
+    args = parser.parse_args(argv)
+    if args.table_only:
+        out = Path(args.output)
+        report = json.loads(out.read_text())
+        report["side_by_side"] = {"tolerance": args.tolerance, "rows": side_by_side(report["accuracy"], args.tolerance)}
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(markdown_table(report["side_by_side"]["rows"], args.tolerance))
+        return 0
+
     import onnxruntime_genai as og
     from peft import PeftModel
 
@@ -56,23 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     from loraplex.training.data import PromptRenderer, load_records, make_splits
     from loraplex.training.evaluation import GENERATION_METRICS, generate_greedy
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--adapters", default="sentiment,extract,datefmt")
-    parser.add_argument("--agreement-prompts", type=int, default=20, help="held-out prompts per task for token agreement")
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N held-out records per task (0 = all)")
-    parser.add_argument("--output", default=str(REPO / "docs" / "onnx" / "report.json"))
-    parser.add_argument("--builder-option", action="append", default=[], help="for the int4 export (see loraplex export-onnx --help)")
-    parser.add_argument("--agreement-only", action="store_true", help="recompute only the agreement section of an existing --output")
-    parser.add_argument("--aware-adapters", default="", help="a folder of the same adapters trained with train-adapter --quantization_aware onnx-int4 "
-                        "(same names); each is reported beside its plain-trained one as NAME-int4aware")
-    args = parser.parse_args(argv)
     names = [n for n in args.adapters.split(",") if n]
     sources = {n: REPO / "adapters" / n for n in names}
     if args.aware_adapters:
         for n in list(names):
             aware = Path(args.aware_adapters) / n
             if aware.is_dir():
-                sources[f"{n}-int4aware"] = aware
+                sources[f"{n}{AWARE_SUFFIX}"] = aware
         names = list(sources)
 
     ref = resolve_base("embedded")
@@ -146,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         print(n, report["accuracy"][n], file=sys.stderr)
 
     # each adapter on its own task's held-out prompts; the bare base on all of them
-    everything = [p for n in names if not n.endswith("-int4aware") for p in agreement_prompts[n]]
+    everything = [p for n in names if not n.endswith(AWARE_SUFFIX) for p in agreement_prompts[n]]
     for n in [None, *names]:
         prompts_n = agreement_prompts[n] if n else everything
         full, prefix, positions, total, answers = 0, [], 0, 0, 0
@@ -169,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             "position_agreement": round(positions / total, 4),
         }
         print(n, report["agreement_int4_vs_fp32"][n or "(base)"], file=sys.stderr)
+    if report.get("accuracy"):
+        report["side_by_side"] = {"tolerance": args.tolerance, "rows": side_by_side(report["accuracy"], args.tolerance)}
+        print(markdown_table(report["side_by_side"]["rows"], args.tolerance), file=sys.stderr)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

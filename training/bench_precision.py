@@ -1,71 +1,105 @@
 """Training-step speed of fp32 vs bf16 on this machine: ``python -m loraplex.training.bench_precision``.
 
-LoRA (r=8, every projection) training steps on the base with records of a chat file, interleaved
-fp32 / bf16-autocast (fp32 weights, what ``--bf16 true`` does) / bf16-weights (base cast to bf16,
-for comparison) so that load from other processes hits every mode alike. Prints seconds per step
-and per-pair ratios. A measuring tool, not used by training.
+One LoRA training step (forward, backward, gradient clipping, AdamW) as ``train-adapter`` takes it:
+the same data pipeline (prompt positions masked), the same LoRA config and the same loss
+(``trainer.labelled_token_loss``), on one batch of the given data file. Modes, interleaved round by
+round so that load from other processes hits every mode alike:
+
+- ``fp32``: fp32 base, loss over labelled positions only (``--bf16 false``)
+- ``bf16``: base held in bf16 with eager attention, LoRA and optimizer fp32, labelled positions
+  only (``--bf16 true|auto``)
+- ``fp32-full`` / ``autocast-full``: the step before this change (full [B, T, V] logits; autocast
+  = fp32 weights under ``torch.autocast``, the former ``--bf16 true``)
+- ``autocast``, ``bf16-full``, ``bf16-sdpa``: one change at a time (autocast with labelled
+  positions only; a bf16 base with full logits; a bf16 base keeping torch's sdpa attention)
+
+Prints seconds per step, per-round ratios to the first mode and the load average. A measuring
+tool, not used by training.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
+import tempfile
 import time
+
+MODES = ("fp32", "bf16", "fp32-full", "autocast-full", "autocast", "bf16-full", "bf16-sdpa")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="a .jsonl file of OpenAI-chat records (e.g. from loraplex.training.chat_task)")
+    parser.add_argument("--data", required=True, help="a train-adapter data file (e.g. training/demo_data/sentiment.jsonl, or chat records from loraplex.training.chat_task)")
     parser.add_argument("--model_name_or_path", default="embedded")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--pairs", type=int, default=4)
-    parser.add_argument("--modes", default="fp32,autocast,bf16-weights")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--modes", default="fp32,bf16", help=f"comma-separated, from {', '.join(MODES)}; ratios are to the first")
     args = parser.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"--modes {','.join(unknown)}: unknown; choose from {', '.join(MODES)}")
     from loraplex.training.cli import quiet_libraries
 
     quiet_libraries()
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
+    from transformers import DataCollatorForSeq2Seq
 
     from loraplex.server.basemodel import load_base_model, load_tokenizer, resolve_base
+    from loraplex.training.config import configs_from_argv
+    from loraplex.training.data import IGNORE_INDEX, PromptRenderer, SupervisedDataset, prepare_records
+    from loraplex.training.trainer import lora_config_for, labelled_token_loss, resolve_target_modules, use_bf16_attention
 
-    ref = resolve_base(args.model_name_or_path)
+    cfg = configs_from_argv(["--model_name_or_path", args.model_name_or_path, "--data_files", args.data,
+                             "--output_path", os.path.join(tempfile.gettempdir(), "bench-precision", "unused")])[0]
+    fmt, train, _ = prepare_records(cfg)
+    ref = resolve_base(cfg.model_name_or_path)
     tokenizer = load_tokenizer(ref)
-    with open(args.data) as fh:
-        records = [json.loads(line) for _, line in zip(range(args.batch), fh)]
-    enc = tokenizer([tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records], return_tensors="pt", padding=True)
-    modes = [m.strip() for m in args.modes.split(",")]
+    tokenizer.padding_side = "right"
+    dataset = SupervisedDataset(train[: args.batch], PromptRenderer(cfg, tokenizer, fmt), tokenizer, cfg.max_seq_length, split="train")
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    batch = collator([dataset[i] for i in range(len(dataset))])  # input_ids/attention_mask/labels: [B, T]
+    labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
     runs = {}
     for mode in modes:
-        model = load_base_model(ref)
-        if mode == "bf16-weights":
-            model = model.to(torch.bfloat16)
-        peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM"))
+        torch.manual_seed(cfg.seed)
+        model = load_base_model(ref, dtype="bfloat16" if mode.startswith("bf16") else None)
+        if mode.startswith("bf16") and mode != "bf16-sdpa":
+            use_bf16_attention(model)  # as train-adapter does for a bf16 base
+        peft_model = get_peft_model(model, lora_config_for(cfg, resolve_target_modules(cfg, model)))
         peft_model.train()
-        runs[mode] = (peft_model, torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4))
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        runs[mode] = (peft_model, params, torch.optim.AdamW(params, lr=cfg.learning_rate))
 
     def step(mode: str) -> float:
-        model, opt = runs[mode]
+        model, params, optimizer = runs[mode]
         started = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode != "fp32"):
-            loss = model(**enc, labels=enc["input_ids"]).loss  # enc: [batch, tokens]
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode.startswith("autocast")):
+            total, count, _ = labelled_token_loss(model, batch, labelled_only=not mode.endswith("-full"))
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
         return time.perf_counter() - started
 
+    load_before = os.getloadavg()
     for mode in modes:
-        step(mode)  # warm-up (kernel selection)
+        step(mode)  # warm-up (kernel selection, optimizer state)
     times: dict[str, list[float]] = {m: [] for m in modes}
-    for _ in range(args.pairs):
+    for _ in range(args.rounds):
         for mode in modes:
             times[mode].append(step(mode))
-    print(f"batch {tuple(enc['input_ids'].shape)}, {args.pairs} interleaved rounds")
+    load_after = os.getloadavg()
+    print(f"batch {tuple(batch['input_ids'].shape)} ({labelled} labelled tokens), {args.rounds} interleaved rounds, "
+          f"load average {load_before[0]:.1f} before / {load_after[0]:.1f} after on {os.cpu_count()} CPUs")
     for mode in modes:
         xs = sorted(times[mode])
         print(f"{mode:>13}: median {xs[len(xs) // 2]:.3f} s/step  all {[round(x, 3) for x in times[mode]]}")
     for mode in modes[1:]:
-        print(f"fp32/{mode} per round: {[round(f / b, 2) for f, b in zip(times[modes[0]], times[mode])]}")
+        ratios = [f / b for f, b in zip(times[modes[0]], times[mode])]
+        print(f"{modes[0]}/{mode} per round: {[round(r, 2) for r in ratios]}  median {sorted(ratios)[len(ratios) // 2]:.2f}")
     return 0
 
 

@@ -93,7 +93,7 @@ class TrainConfig:
     optim: str = _f("adamw_torch", "Optimizer (a transformers TrainingArguments.optim name).", choices=OPTIMIZERS)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).")
     quantization_aware: str = _f("none", "Train against the base weights a quantized export serves, so the adapter learns around their rounding error: onnx-int4 = the int4 ONNX export's block-wise 4-bit weights (loraplex export-onnx, default options), dequantized into the torch base. Base and adapter are scored on those weights too. Not with --method qlora.", choices=QUANTIZATION_AWARE)
-    bf16: str = _f("false", "bfloat16 autocast training: auto (on where the CPU has AMX or AVX512-BF16, or on CUDA), true, false. Weights and optimizer state stay fp32; evaluation runs in fp32. Default false until a speed-up is measured on CPU (docs/training.md).", choices=BF16)
+    bf16: str = _f("auto", "bfloat16 training: auto (on where the CPU has AMX or AVX512-BF16, or on CUDA), true, false. The frozen base is held in bf16 (the dtype loraplex serve --dtype auto serves on such a machine, so base and adapter are scored in it too); LoRA weights and optimizer state stay fp32. qlora, --quantization_aware and PiSSA/OLoRA keep an fp32 base: with them auto stays fp32 on CPU and true means autocast. Measured in docs/training.md.", choices=BF16)
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule.", choices=SCHEDULERS)
     warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up the learning rate.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")

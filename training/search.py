@@ -96,20 +96,20 @@ def _suggest(trial, name: str, dist: dict[str, Any]) -> Any:
 
 
 class _PruneOnEvalLoss:
-    """A Trainer callback: reports eval loss to the trial and stops the run when Optuna prunes it."""
+    """A Trainer callback: reports eval loss to the trial and, when Optuna prunes it, raises
+    ``optuna.TrialPruned`` out of training, so a pruned trial is not scored (greedy decoding of the
+    eval split) for nothing; ``train_one`` unloads the LoRA from the shared base on the way out."""
 
     def __new__(cls, trial, sign: float):
+        import optuna
         from transformers import TrainerCallback
 
         class Callback(TrainerCallback):
-            pruned = False
-
             def on_evaluate(self, args, state, control, metrics=None, **kwargs):
                 if metrics and "eval_loss" in metrics:
                     trial.report(sign * metrics["eval_loss"], state.global_step)
                     if trial.should_prune():
-                        Callback.pruned = True
-                        control.should_training_stop = True
+                        raise optuna.TrialPruned(f"trial {trial.number} pruned at step {state.global_step} (eval loss {metrics['eval_loss']:.4f})")
 
         return Callback()
 
@@ -143,6 +143,27 @@ def _plot(trials: list[dict[str, Any]], metric: str, maximize: bool, path: Path)
     plt.close(fig)
 
 
+def trial_records(study) -> list[dict[str, Any]]:
+    """The finished trials of ``study`` as plain records. A pruned trial has no headline metric:
+    Optuna stores the last value it reported (here the signed eval loss) as its value, which must
+    not be shown or plotted as the metric; it gets ``value: None`` and the step and eval loss it was
+    stopped at instead."""
+    import optuna
+
+    records = []
+    for t in study.trials:
+        if t.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            continue
+        record: dict[str, Any] = {"number": t.number, "state": t.state.name, "params": t.params, "value": t.value, "scores": t.user_attrs.get("scores")}
+        if t.state == optuna.trial.TrialState.PRUNED:
+            step = max(t.intermediate_values) if t.intermediate_values else None
+            record["value"] = None
+            record["pruned_at_step"] = step
+            record["eval_loss_at_prune"] = abs(t.intermediate_values[step]) if step is not None else None
+        records.append(record)
+    return records
+
+
 def trials_table(trials: list[dict[str, Any]], metric: str, best: int | None):
     from rich.table import Table
 
@@ -153,7 +174,12 @@ def trials_table(trials: list[dict[str, Any]], metric: str, best: int | None):
     for t in trials:
         mark = " *" if t["number"] == best else ""
         values = [f"{t['params'][n]:.3g}" if isinstance(t["params"].get(n), float) else str(t["params"].get(n, "")) for n in names]
-        score = "-" if t["value"] is None else f"{t['value']:.4f}"
+        if t["value"] is not None:
+            score = f"{t['value']:.4f}"
+        elif t.get("pruned_at_step") is not None:
+            score = f"pruned at step {t['pruned_at_step']}"
+        else:
+            score = "-"
         table.add_row(f"{t['number']}{mark}", t["state"], *values, score)
     return table
 
@@ -207,21 +233,16 @@ def run_search(cfg: TrainConfig, spec_path: Path, console) -> TrainResult:
             collator = DataCollatorForSeq2Seq(base.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
             base_scores_holder.update(score_model(cfg, base.model, base.tokenizer, eval_ds, collator)[0])
         pruner = _PruneOnEvalLoss(trial, -1.0 if maximize else 1.0)
+        # a pruned trial leaves through optuna.TrialPruned, raised by the callback (train_one unloads first)
         result, peft_model = train_one(trial_cfg, base, data, publish=False, callbacks=(pruner,), base_scores=dict(base_scores_holder))
         base.model = peft_model.unload()
-        if type(pruner).pruned:
-            raise optuna.TrialPruned()
         trial.set_user_attr("scores", result.scores)
         return float(result.adapter_score)
 
     remaining = spec.num_trials - len(finished)
     if remaining > 0:
         study.optimize(objective, n_trials=remaining, catch=())
-    trials = [
-        {"number": t.number, "state": t.state.name, "params": t.params, "value": t.value, "scores": t.user_attrs.get("scores")}
-        for t in study.trials
-        if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    ]
+    trials = trial_records(study)
     completed = [t for t in trials if t["state"] == "COMPLETE"]
     if not completed:
         raise TrainInputError("--search: every trial was pruned or failed; nothing to publish", param="search")

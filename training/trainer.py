@@ -5,6 +5,12 @@ early stopping, tensorboard/wandb); this module wires it to peft, our data and o
 two adapters sharing a base, peft's ``unload()`` strips the LoRA layers so the same loaded base
 serves the next one. Base scores are taken on the bare base before peft wraps it (PiSSA/OLoRA
 rewrite the base weights). Nothing here knows about serving.
+
+Two things keep a CPU step cheap (docs/training.md, bf16): the loss projects only the positions
+that carry a label onto the vocabulary (``LabelledLossTrainer``; a chat example's prompt positions
+are masked, and the [tokens, vocab] logits were most of the step's waste), and ``--bf16`` holds the
+frozen base in bfloat16 (``base_dtype``) instead of autocasting fp32 weights on every step, while
+the LoRA weights and the optimizer state stay fp32.
 """
 
 from __future__ import annotations
@@ -177,6 +183,7 @@ def _report_to(cfg: TrainConfig) -> list[str]:
 
 
 def _training_arguments(cfg: TrainConfig, n_train: int, bf16: bool):
+    """``bf16`` here is transformers' autocast (fp32 weights); a base held in bf16 passes False."""
     import torch
     from transformers import TrainingArguments
 
@@ -222,6 +229,73 @@ def _training_arguments(cfg: TrainConfig, n_train: int, bf16: bool):
     )
 
 
+# ------------------------------------------------------------------ the loss
+def _keeps_masked_logits(model) -> bool:
+    """Whether ``model`` projects only the hidden states a boolean ``logits_to_keep`` [B, T] selects.
+
+    transformers gained the boolean form with ``modeling_utils.slice_logits_to_keep``; an older
+    transformers, or a model whose forward has no ``logits_to_keep``, gets the full logits instead.
+    """
+    import inspect
+
+    from transformers import modeling_utils
+
+    if not hasattr(modeling_utils, "slice_logits_to_keep"):
+        return False
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def labelled_token_loss(model, batch: dict[str, Any], *, labelled_only: bool = True) -> tuple[Any, int, Any]:
+    """Summed next-token cross-entropy over the positions whose next label is not -100.
+
+    Returns (loss summed over those tokens, their count, the model output). With ``labelled_only``
+    (and a model that supports it) only those positions are projected onto the vocabulary: the
+    logits are [N, V] for the N labelled tokens instead of [B, T, V], the same loss for a fraction of
+    the lm_head and softmax work. The cross-entropy runs in fp32 whatever the model's dtype.
+    """
+    import torch
+
+    labels = batch["labels"]  # [B, T]; token t+1 is predicted at position t
+    targets = labels[:, 1:]  # [B, T-1]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if labelled_only and _keeps_masked_logits(model):
+        keep = torch.zeros_like(labels, dtype=torch.bool)  # [B, T]
+        keep[:, :-1] = targets != IGNORE_INDEX
+        output = model(**inputs, logits_to_keep=keep)
+        logits = output.logits.float()  # [N, V]
+        wanted = targets[keep[:, :-1]]  # [N]
+        if logits.dim() != 2 or logits.shape[0] != wanted.shape[0]:
+            raise RuntimeError(f"the model ignored the boolean logits_to_keep: logits {tuple(output.logits.shape)} for {wanted.shape[0]} labelled tokens")
+        loss = torch.nn.functional.cross_entropy(logits, wanted, reduction="sum")
+        return loss, int(wanted.shape[0]), output
+    output = model(**inputs)
+    logits = output.logits.float()  # [B, T, V]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum()), output
+
+
+def _labelled_loss_trainer_class():
+    from transformers import Trainer
+
+    class LabelledLossTrainer(Trainer):
+        """HF ``Trainer`` whose loss projects only labelled positions onto the vocabulary.
+
+        The normalisation is the Trainer's own: divided by ``num_items_in_batch`` (labelled tokens
+        across the accumulated batch) when the Trainer counts them, else a mean over this batch.
+        """
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            total, count, output = labelled_token_loss(model, inputs)
+            if num_items_in_batch is not None:
+                loss = total / num_items_in_batch
+            else:
+                loss = total / max(1, count)
+            return (loss, output) if return_outputs else loss
+
+    return LabelledLossTrainer
+
+
 # ------------------------------------------------------------------ scoring
 def mean_eval_loss(model, eval_ds: SupervisedDataset, collator, batch_size: int) -> float:
     """Mean cross-entropy per target token over the eval split (the model's own dtype, no autocast)."""
@@ -236,11 +310,9 @@ def mean_eval_loss(model, eval_ds: SupervisedDataset, collator, batch_size: int)
             batch = collator([eval_ds[i] for i in range(start, min(len(eval_ds), start + batch_size))])
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.no_grad():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()  # [B, T, V]
-            labels = batch["labels"][:, 1:]  # [B, T-1]: token t+1 is predicted at position t
-            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-            total += float(losses)
-            tokens += int((labels != IGNORE_INDEX).sum())
+                loss, count, _ = labelled_token_loss(model, batch)
+            total += float(loss)
+            tokens += count
     finally:
         if was_training:
             model.train()
@@ -281,21 +353,77 @@ class LoadedBase:
     bf16_reason: str
     quantization_aware: str = "none"
     quantized_modules: int = 0
+    #: how bf16 runs: "weights" (the frozen base held in bf16), "autocast" (fp32 weights), "off"
+    bf16_mode: str = "off"
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the Trainer must autocast (``TrainingArguments.bf16``)."""
+        return self.bf16_mode == "autocast"
+
+
+def bf16_mode(cfg: TrainConfig, bf16: bool) -> str:
+    """How a bf16 run holds its base: "weights" where the base may be rounded to bf16, else "autocast".
+
+    Held in bf16, the frozen base costs no per-step casts and half the memory traffic, and it is
+    scored at the dtype ``loraplex serve --dtype auto`` serves on the same machine. Kept fp32 under
+    autocast: an nf4 (qlora) base, a base carrying the int4 export's dequantized weights (training
+    must see exactly those), and PiSSA/OLoRA, which rewrite base weights from their SVD / QR.
+    """
+    if not bf16:
+        return "off"
+    if cfg.method != "lora" or cfg.quantization_aware != "none" or cfg.init_lora_weights in _BASE_REWRITING_INITS:
+        return "autocast"
+    return "weights"
+
+
+def use_bf16_attention(model) -> None:
+    """Eager attention for a base held in bf16 on CPU.
+
+    torch's CPU flash-attention kernel (sdpa) is several times slower in bf16 than in fp32 for
+    these short sequences, its backward above all (the profile in docs/training.md: 5 of 21 s of a
+    step); transformers' eager attention (bf16 matmuls, softmax in fp32) is the fastest of the three
+    here and masks padding and packed examples like sdpa. CUDA keeps its implementation.
+    """
+    if next(model.parameters()).device.type != "cpu":
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # older transformers
+        model.config._attn_implementation = "eager"
+
+
+def resolve_bf16(cfg: TrainConfig) -> tuple[bool, str, str]:
+    """(bf16 on?, the reason in words, bf16_mode) for this run on this machine.
+
+    ``auto`` on a CPU takes bf16 only where the base can be held in bf16: autocast over fp32
+    weights measured no clearly faster than fp32 there (docs/training.md), so an nf4 / int4-aware /
+    PiSSA run stays fp32 unless ``--bf16 true`` asks for autocast.
+    """
+    import torch
+
+    bf16, reason = use_bf16(cfg.bf16)
+    mode = bf16_mode(cfg, bf16)
+    if cfg.bf16 == "auto" and mode == "autocast" and not torch.cuda.is_available():
+        return False, f"{reason}, but this run cannot hold its base in bf16 and CPU autocast is no faster than fp32", "off"
+    return bf16, reason, mode
 
 
 def load_base(cfg: TrainConfig) -> LoadedBase:
     ref = resolve_base(cfg.model_name_or_path)
     tokenizer = load_tokenizer(ref)
-    model = load_base_model(ref, quantize="nf4" if cfg.method == "qlora" else "none")
+    bf16, reason, mode = resolve_bf16(cfg)
+    model = load_base_model(ref, quantize="nf4" if cfg.method == "qlora" else "none", dtype="bfloat16" if mode == "weights" else None)
+    if mode == "weights":
+        use_bf16_attention(model)
     quantized = 0
     if cfg.quantization_aware == "onnx-int4":
         # the weights the int4 ONNX export serves, dequantized: training and both scores see them
         quantized = len(apply_onnx_int4_weights(model))
-    bf16, reason = use_bf16(cfg.bf16)
-    return LoadedBase(ref, tokenizer, model, bf16, reason, cfg.quantization_aware, quantized)
+    return LoadedBase(ref, tokenizer, model, bf16, reason, cfg.quantization_aware, quantized, mode)
 
 
-def _lora_config(cfg: TrainConfig, targets: list[str]):
+def lora_config_for(cfg: TrainConfig, targets: list[str]):
     from peft import LoraConfig
 
     init: bool | str = {"true": True, "false": False}.get(cfg.init_lora_weights, cfg.init_lora_weights)
@@ -341,7 +469,7 @@ def train_one(
 ) -> tuple[TrainResult, Any]:
     """Train one adapter on an already loaded base; returns the result and the peft model."""
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, Trainer, set_seed
+    from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import ProgressCallback
 
     started = time.monotonic()
@@ -366,7 +494,7 @@ def train_one(
 
     if cfg.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-    lora_config = _lora_config(cfg, targets)
+    lora_config = lora_config_for(cfg, targets)
     peft_model = get_peft_model(model, lora_config)
     initial_dir = None
     if cfg.init_lora_weights in _BASE_REWRITING_INITS and publish:
@@ -378,9 +506,9 @@ def train_one(
 
     samples_per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
     meter = ThroughputMeter(samples_per_step)
-    trainer = Trainer(
+    trainer = _labelled_loss_trainer_class()(
         model=peft_model,
-        args=_training_arguments(cfg, len(train_set), base.bf16),
+        args=_training_arguments(cfg, len(train_set), base.autocast),
         train_dataset=train_set,
         eval_dataset=eval_ds,
         data_collator=train_collator,
@@ -488,6 +616,7 @@ def _publish(cfg, base: LoadedBase, peft_model, targets, result, fmt, train_ds, 
                 "data_format": fmt,
                 "bf16": result.bf16,
                 "bf16_reason": base.bf16_reason,
+                "bf16_mode": base.bf16_mode,
                 "throughput": result.throughput,
                 "memory": result.memory,
                 "packing": cfg.packing,
@@ -510,15 +639,16 @@ def _publish(cfg, base: LoadedBase, peft_model, targets, result, fmt, train_ds, 
         store.publish(staged, cfg.adapter_name, overwrite=cfg.overwrite)
 
 
-def _group_key(cfg: TrainConfig) -> tuple[str, str, str]:
-    return (cfg.model_name_or_path, cfg.method, cfg.quantization_aware)
+def _group_key(cfg: TrainConfig) -> tuple[str, ...]:
+    """Configs that can share one loaded base (its bf16 mode decides the dtype it is loaded in)."""
+    return (cfg.model_name_or_path, cfg.method, cfg.quantization_aware, resolve_bf16(cfg)[2])
 
 
 def train_all(configs: list[TrainConfig]) -> list[TrainResult]:
     """Train every config; the base is loaded once per (base model, method) pair."""
     prepared = [preflight(cfg) for cfg in configs]
     results: list[TrainResult] = []
-    groups: dict[tuple[str, str, str], list[tuple[TrainConfig, PreparedData]]] = {}
+    groups: dict[tuple[str, ...], list[tuple[TrainConfig, PreparedData]]] = {}
     for cfg, data in zip(configs, prepared):
         groups.setdefault(_group_key(cfg), []).append((cfg, data))
     for group in groups.values():
@@ -526,7 +656,7 @@ def train_all(configs: list[TrainConfig]) -> list[TrainResult]:
         for cfg, data in group:
             if base is None:
                 base = load_base(cfg)
-            base.bf16, base.bf16_reason = use_bf16(cfg.bf16)
+            base.bf16, base.bf16_reason, base.bf16_mode = resolve_bf16(cfg)  # the group's mode (its key), own reason
             if cfg.eval_only:
                 results.append(evaluate_existing(cfg, base, data))
                 continue

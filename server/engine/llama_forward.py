@@ -80,6 +80,18 @@ def why_not_supported(model, dtype: torch.dtype) -> str | None:
     return None
 
 
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise: measured ~160 MB of RSS on
+    the embedded base after fusing); a no-op where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class _Fused:
     """One GEMM over several projections sharing their input: weight [sum(out), in] (or its
@@ -183,6 +195,7 @@ class LlamaStepForward:
         self.layers = layers
         self.int4_rows = 0
         self.int4_reason = self._use_int4(int4_rows, dtype, torch.device(device))
+        _return_freed_memory()  # the replaced per-projection weights and the int4 check's temporaries
         # rotary cos/sin of every position, from the model's own rotary module: [max_len, d]
         positions = torch.arange(max_len, device=device)[None]
         probe = torch.zeros(1, dtype=dtype, device=device)
@@ -230,11 +243,9 @@ class LlamaStepForward:
             x = self._rms(h, layer.in_norm)  # [N, H]
             qkv = layer.qkv(x)  # [N, q_out + 2 kv_out]
             layer.qkv_lora.add_lora(x, qkv, layer.qkv.spans)
-            q = qkv[:, :q_out].view(n, self.heads, self.head_dim)
-            k = qkv[:, q_out : q_out + kv_out].view(n, self.kv_heads, self.head_dim)
+            qk = self._rotate(qkv[:, : q_out + kv_out].view(n, self.heads + self.kv_heads, self.head_dim), cos, sin)  # q and k heads together
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = qkv[:, q_out + kv_out :].view(n, self.kv_heads, self.head_dim)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
             attn = cache.attend_flat(index, plan, q, k, v, self.scale)  # [N, heads, d]
             attn = attn.reshape(n, q_out)
             o = layer.o_proj(attn)  # [N, H]

@@ -424,6 +424,36 @@ class LoraGroup:
     def __init__(self, modules: Sequence[MultiLoraLinear]) -> None:
         self.modules = tuple(modules)
         self._cache: tuple | None = None  # (key, A_cat [R, in], columns [R], mask key, per member (block, lo, hi, index, r0, r1))
+        self._single: tuple | None = None  # (key, A_cat^T [in, R], B_diag [R, width]) fp32, see _single_f32
+
+    def _single_f32(self, ctx: LoraBatchContext, spans: Sequence[tuple[int, int]]) -> tuple | None:
+        """For one adapter streaming alone in small steps: its members' A rows stacked and
+        transposed, ``A_cat^T [in, R]``, and their B rows placed block-diagonally, ``B_diag [R,
+        sum(out)]`` (zero where a member's rows meet another member's columns), both fp32; kept
+        while that slot streams alone (rebuilt when its rows change). None when the members'
+        outputs are not one contiguous span (then per member)."""
+        slot = ctx.used[0]
+        key = ("single", slot, tuple(m._rows_version for m in self.modules))
+        cached = self._single
+        if cached is not None and cached[0] == key:
+            return cached
+        width = spans[-1][1]
+        parts, rows = [], []
+        for module, (lo, hi) in zip(self.modules, spans):
+            found = module.row_of.get(slot)
+            if found is None:
+                continue
+            block, start, rank = found
+            rows_a, rows_b = module.blocks[block]
+            parts.append(rows_a[start : start + rank].float())  # [r, in]
+            b = torch.zeros(rank, width, dtype=torch.float32, device=rows_b.device)
+            b[:, lo:hi] = rows_b[start : start + rank].float()  # [r, out_i] in its own columns
+            rows.append(b)
+        if not parts:
+            self._single = None
+            return None
+        self._single = (key, torch.cat(parts).T.contiguous(), torch.cat(rows))  # [in, R], [R, width]
+        return self._single
 
     def _members(self, ctx: LoraBatchContext) -> tuple | None:
         key = (ctx.used, tuple(m._rows_version for m in self.modules))
@@ -461,6 +491,12 @@ class LoraGroup:
             return
         first = self.modules[0]
         small = x2.shape[0] <= SMALL_M_FP32 and first.dtype == torch.bfloat16 and x2.device.type == "cpu"
+        if ctx.single and small and GROUPED_LORA["enabled"]:
+            single = self._single_f32(ctx, spans)
+            if single is not None:  # y += (x @ A_cat^T) @ B_diag: 4 ops for the whole group, in fp32
+                y2.add_((x2.float() @ single[1]) @ single[2])  # [N, sum(out)] += ([N, in] @ [in, R]) @ [R, sum(out)]
+                return
+        self._single = None
         found = None if (ctx.single or small or not GROUPED_LORA["enabled"]) else self._members(ctx)
         if found is None:
             for module, (lo, hi) in zip(self.modules, spans):

@@ -98,7 +98,7 @@ def test_eval_only_scores_a_published_adapter_and_the_base(tmp_path, tiny_base, 
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     capsys.readouterr()
     argv = ["--eval_only", "--adapter", str(out), "--model_name_or_path", str(tiny_base), "--data_files", str(label_data),
-            "--eval_split", "train[:8]", "--metric", "loss,accuracy"]
+            "--eval_split", "train[:8]", "--metric", "loss,accuracy", "--bf16", "false"]  # the dtype it was trained and scored in
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "scored scored" in printed and "loss" in printed
@@ -145,8 +145,10 @@ def test_trainer_receives_the_optimiser_flags(tmp_path, tiny_base, label_data, m
 
     monkeypatch.setattr(trainer_module, "_training_arguments", spy)
     _train(tmp_path, tiny_base, label_data, "spy", "--max_steps", "1", "--weight_decay", "0.05", "--optim", "sgd", "--max_grad_norm", "0.25", "--bf16", "true")
-    assert seen == {"optim": "sgd", "weight_decay": 0.05, "max_grad_norm": 0.25, "bf16": True}
-    assert json.loads((tmp_path / "adapters" / "spy" / "training_report.json").read_text())["bf16"] is True
+    # --bf16 true on a plain LoRA run holds the base in bf16: no autocast (TrainingArguments.bf16 False)
+    assert seen == {"optim": "sgd", "weight_decay": 0.05, "max_grad_norm": 0.25, "bf16": False}
+    report = json.loads((tmp_path / "adapters" / "spy" / "training_report.json").read_text())
+    assert report["bf16"] is True and report["bf16_mode"] == "weights"
 
 
 def test_packing_trains_and_counts_examples(tmp_path, tiny_base, label_data):

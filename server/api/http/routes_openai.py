@@ -205,6 +205,7 @@ class _Reply:
         self.choices: dict[int, _Choice] = {}
         self.prompt_tokens = [0] * prompts
         self.completion_tokens = [0] * prompts
+        self._head: str | None = None  # chunk_sse's encoded prefix
 
     def index(self, p: int, event: GenerationEvent) -> int:
         return p * self.n + event.index
@@ -236,6 +237,15 @@ class _Reply:
     def usage(self) -> dict:
         prompt, completion = sum(self.prompt_tokens), sum(self.completion_tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def chunk_sse(self, p: int, event: GenerationEvent) -> str:
+        """``_sse(self.chunk(p, event))``, the same bytes, with the fields every chunk repeats
+        (id, object, created, model) encoded once per reply instead of once per token."""
+        head = self._head
+        if head is None:
+            fixed = json.dumps({"id": self.rid, "object": self.object_name, "created": self.created, "model": self.model}, ensure_ascii=False)
+            head = self._head = f"data: {fixed[:-1]}, \"choices\": ["
+        return f"{head}{json.dumps(self.chunk(p, event)['choices'][0], ensure_ascii=False)}]}}\n\n"
 
     def chunk(self, p: int, event: GenerationEvent) -> dict:
         index, choice, text, part = self.note(p, event)
@@ -286,7 +296,7 @@ async def _collect(events: AsyncIterator[tuple[int, GenerationEvent]], reply: _R
 async def _stream_body(events: AsyncIterator[tuple[int, GenerationEvent]], reply: _Reply, final_usage: bool) -> AsyncIterator[str]:
     try:
         async for p, event in events:
-            yield _sse(reply.chunk(p, event))
+            yield reply.chunk_sse(p, event)
         if final_usage:
             yield _sse({"id": reply.rid, "object": reply.object_name, "created": reply.created, "model": reply.model, "choices": [], "usage": reply.usage()})
     except LoraplexError as exc:
