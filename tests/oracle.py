@@ -25,6 +25,15 @@ def make_random_adapter(base_dir, folder, *, seed, r=4, targets=("q_proj", "k_pr
     return folder
 
 
+def two_adapters(base_dir, root) -> dict:
+    """The two adapters the feature tests share: "a" (rank 4, every projection) and "b" (rank 8,
+    q/v/down only), seeds 11 and 12."""
+    return {
+        "a": make_random_adapter(base_dir, root / "a", seed=11),
+        "b": make_random_adapter(base_dir, root / "b", seed=12, r=8, targets=("q_proj", "v_proj", "down_proj")),
+    }
+
+
 def reference_greedy(base_dir, adapter_dir, prompt_ids, n=12, quantization_config=None):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -24,10 +24,10 @@ from tests.oracle import (
     cached_oracle,
     check_greedy_within,
     greedy_with,
-    make_random_adapter,
     reference_logits,
     reference_mix_model,
     run_engine,
+    two_adapters,
 )
 
 N = 8
@@ -39,11 +39,7 @@ GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def adapters(tiny_base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("feature-adapters")
-    return {
-        "a": make_random_adapter(tiny_base, root / "a", seed=11),
-        "b": make_random_adapter(tiny_base, root / "b", seed=12, r=8, targets=("q_proj", "v_proj", "down_proj")),
-    }
+    return two_adapters(tiny_base, tmp_path_factory.mktemp("feature-adapters"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from loraplex.server.basemodel import compute_fingerprint
 from loraplex.server.engine.engine import Engine, EngineRequest, TorchAdapterPayload
 from loraplex.server.engine.sampling import SamplingParams
 from loraplex.server.registry import BaseShapes, load_validated_adapter
-from tests.oracle import Collector, greedy_request, make_random_adapter, reference_greedy, run_engine
+from tests.oracle import Collector, greedy_request, make_random_adapter, reference_greedy, run_engine, two_adapters
 
 PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404, 405, 406], [1, 77]]
 LONG = [1] + list(range(300, 330))
@@ -33,11 +33,7 @@ def _engine(base_dir, adapters: dict, dtype=torch.float32, **kwargs) -> Engine:
 
 @pytest.fixture(scope="module")
 def adapters(tiny_base, tmp_path_factory):
-    root = tmp_path_factory.mktemp("lean-adapters")
-    return {
-        "a": make_random_adapter(tiny_base, root / "a", seed=11),
-        "b": make_random_adapter(tiny_base, root / "b", seed=12, r=8, targets=("q_proj", "v_proj", "down_proj")),
-    }
+    return two_adapters(tiny_base, tmp_path_factory.mktemp("lean-adapters"))
 
 
 def _logprob_requests():
