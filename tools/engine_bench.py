@@ -14,6 +14,8 @@ the adapter's peft file size (fp32 safetensors).
 
     .venv/bin/python tools/engine_bench.py --dtype bfloat16 --profile single     # torch.profiler table
     .venv/bin/python tools/engine_bench.py --dtype bfloat16 --ab packed --repeat 3  # A/B in one process
+    PYTHONPATH=/tmp/old .venv/bin/python tools/engine_bench.py --dtype bfloat16 --phases mixed \
+        --versus loraplex_old_engine.engine:float32 --repeat 3     # this engine vs an old copy, alternated
 """
 
 from __future__ import annotations
@@ -292,7 +294,7 @@ def profile_phase(phase: str, engine, names, args) -> None:
 
 #: --ab switches: name -> (label of A, label of B, a function that sets the switch)
 def _ab_switches(engine) -> dict:
-    from loraplex.server.engine import lora
+    from loraplex.server.engine import lora, sampling
 
     small = lora.SMALL_M_FP32
     lean = engine.lean
@@ -315,6 +317,8 @@ def _ab_switches(engine) -> dict:
         "grouped": ("grouped_lora", "per_module_lora", lambda on: lora.GROUPED_LORA.__setitem__("enabled", on)),
         "packed": ("packed", "plain", lambda on: lora.PACKED_LINEARS.__setitem__("enabled", on)),
         "small_fp32": ("small_fp32", "bf16_lora", lambda on: setattr(lora, "SMALL_M_FP32", small if on else 0)),
+        "diag": ("diag_b", "per_member_b", lambda on: lora.DIAG_B.__setitem__("enabled", on)),
+        "argmax": ("chunked_argmax", "torch_argmax", lambda on: sampling.CHUNKED_ARGMAX.__setitem__("enabled", on)),
     }
 
 
@@ -334,8 +338,10 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
+    p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "
+                   "with the same adapters, and alternate the two engines phase by phase in this process")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -354,18 +360,25 @@ def main() -> None:
         profile_phase(args.profile, engine, names, args)
         return
     phases = args.phases.split(",")
-    variants: list[tuple[str, object]] = [("", None)]
+    variants: list[tuple[str, object, object, list[str], str]] = [("", None, engine, names, args.dtype)]
     if args.ab:
         label_a, label_b, switch = _ab_switches(engine)[args.ab]
-        variants = [(label_a, lambda: switch(True)), (label_b, lambda: switch(False))]
+        variants = [(label_a, lambda: switch(True), engine, names, args.dtype), (label_b, lambda: switch(False), engine, names, args.dtype)]
+    if args.versus:
+        module, _, other_dtype = args.versus.partition(":")
+        other_dtype = other_dtype or "float32"
+        other_model, other = build_engine(other_dtype, max(args.concurrency, 64), args.budget, module)
+        other_names = install(other, other_model, args.adapters, args.rank)
+        phase_mixed(other, other_names, 4, args.prompt_len, 4)  # warm-up
+        variants = [(label or "this", apply, e, n, d) for label, apply, e, n, d in variants] + [(module, None, other, other_names, other_dtype)]
     for _ in range(args.repeat):
         for phase in phases:
-            for label, apply in variants:
+            for label, apply, which, which_names, dtype in variants:
                 if apply is not None:
                     apply()
-                result = with_fractions(phase, run_phase(phase, engine, names, args), args, ceilings)
+                result = with_fractions(phase, run_phase(phase, which, which_names, args), args, ceilings if dtype == args.dtype else None)
                 extra = {"variant": label} if label else {}
-                print(json.dumps({"phase": phase, "dtype": args.dtype, "threads": torch.get_num_threads(), **extra, **result}), flush=True)
+                print(json.dumps({"phase": phase, "dtype": dtype, "threads": torch.get_num_threads(), **extra, **result}), flush=True)
 
 
 def run_on_a_worker_thread() -> None:

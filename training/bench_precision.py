@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--modes", default="fp32,bf16", help=f"comma-separated, from {', '.join(MODES)}; ratios are to the first")
+    parser.add_argument("--profile", type=int, default=0, help="instead of timing, print a torch.profiler table (top N ops) of one step per mode")
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",")]
     unknown = [m for m in modes if m not in MODES]
@@ -84,9 +85,18 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad()
         return time.perf_counter() - started
 
-    load_before = os.getloadavg()
     for mode in modes:
         step(mode)  # warm-up (kernel selection, optimizer state)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for mode in modes:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                step(mode)
+            print(f"--- {mode}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        return 0
+    load_before = os.getloadavg()
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.rounds):
         for mode in modes:

@@ -412,18 +412,30 @@ class MultiLoraLinear(nn.Module):
 GROUPED_LORA = {"enabled": True}
 
 
+#: place a group's B rows block-diagonally and add them with one GEMM where that pays (see
+#: LoraGroup._diag_pays); a switch so tools/engine_bench.py can compare both in one process
+DIAG_B = {"enabled": True}
+DIAG_CALL_US = 30.0  # fixed cost of one small bf16 GEMM call on the development machine
+DIAG_FLOPS_PER_US = 700e3  # bf16 GEMM rate beyond that (700 GFLOP/s)
+
+
 class LoraGroup:
     """Projections that read the same input (q/k/v; gate/up), each adding its LoRA delta into its
     own column span of one fused output. In a mixed step of more than ``SMALL_M_FP32`` tokens their
     used A rows are read by ONE GEMM over a copy ``A_cat [R_q + R_k + ..., in]`` (rebuilt when
     the used slots or any member's rows change; it holds only the used slots' A rows), the
     per-token mask is applied once, and each member's B rows (read in place) add into its span:
-    ``2 + members`` ops instead of ``3 x members``. Single-adapter and small steps, and rows
+    ``2 + members`` ops instead of ``3 x members``. Where the members' B products are so small
+    that their per-call cost dominates (q/k/v at decode sizes; see ``_diag_pays``), the B rows are
+    instead placed block-diagonally in one ``B_diag [R, sum(out)]`` (a copy, zero where a member's
+    rows meet another member's columns, built once per set of used slots) and added by ONE GEMM
+    into the whole fused output: 3 ops for the group. Single-adapter and small steps, and rows
     spread over several blocks, use each member's own ``add_lora``."""
 
     def __init__(self, modules: Sequence[MultiLoraLinear]) -> None:
         self.modules = tuple(modules)
         self._cache: tuple | None = None  # (key, A_cat [R, in], columns [R], mask key, per member (block, lo, hi, index, r0, r1))
+        self._diag: tuple | None = None  # (cache key, B_diag [R, width]) for the used slots, see _b_diag
         self._single: tuple | None = None  # (key, A_cat^T [in, R], B_diag [R, width]) fp32, see _single_f32
 
     def _single_f32(self, ctx: LoraBatchContext, spans: Sequence[tuple[int, int]]) -> tuple | None:
@@ -484,6 +496,36 @@ class LoraGroup:
         self._cache = (key, torch.cat(parts), torch.cat(columns), ("group", *layout), tuple(members))
         return self._cache
 
+    def _diag_pays(self, n: int, members: tuple, spans: Sequence[tuple[int, int]]) -> bool:
+        """Whether one GEMM over ``B_diag`` beats one per member for ``n`` tokens: its extra
+        multiply-adds (the zero blocks) against the fixed cost of the calls it saves (measured on
+        this machine: ~30 us per small bf16 GEMM whatever its size, ~700 GFLOP/s beyond that)."""
+        present = [(m, span) for m, span in zip(members, spans) if m is not None]
+        if len(present) < 2:
+            return False
+        rows = sum(m[5] - m[4] for m, _ in present)
+        width = spans[-1][1]
+        wasted = 2 * n * (rows * width - sum((m[5] - m[4]) * (hi - lo) for m, (lo, hi) in present))
+        return wasted / DIAG_FLOPS_PER_US < DIAG_CALL_US * (len(present) - 1)
+
+    def _b_diag(self, found: tuple, width: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """``B_diag [R, width]``: each member's used B rows in its own columns, zero elsewhere;
+        cached with the A rows (same key)."""
+        key = found[0]
+        cached = self._diag
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        _, a_cat, _, _, members = found
+        b_diag = torch.zeros(a_cat.shape[0], width, dtype=a_cat.dtype, device=a_cat.device)
+        for module, (lo, hi), member in zip(self.modules, spans, members):
+            if member is None:
+                continue
+            block, row_lo, row_hi, index, r0, r1 = member
+            rows_b = module.blocks[block][1]
+            b_diag[r0:r1, lo:hi] = rows_b[row_lo:row_hi] if index is None else rows_b.index_select(0, index)
+        self._diag = (key, b_diag)
+        return b_diag
+
     def add_lora(self, x2: torch.Tensor, y2: torch.Tensor, spans: Sequence[tuple[int, int]]) -> None:
         """``y2[:, span_i] += LoRA_i(x2)`` for every member: x2 [N, in], y2 [N, sum(out)]."""
         ctx = self.modules[0].context
@@ -499,11 +541,15 @@ class LoraGroup:
         self._single = None
         found = None if (ctx.single or small or not GROUPED_LORA["enabled"]) else self._members(ctx)
         if found is None:
+            self._diag = None
             for module, (lo, hi) in zip(self.modules, spans):
                 module.add_lora(x2, y2[:, lo:hi])
             return
         _, a_cat, columns, mask_key, members = found
         delta_in = (x2 @ a_cat.T).mul_(ctx.mask(mask_key, columns, first.dtype))  # [N, R]: each token's own slots' rows, weighted
+        if DIAG_B["enabled"] and y2.shape[1] == spans[-1][1] and self._diag_pays(x2.shape[0], members, spans):
+            y2.addmm_(delta_in, self._b_diag(found, y2.shape[1], spans))  # [N, width] += [N, R] @ [R, width]
+            return
         for module, (lo, hi), member in zip(self.modules, spans, members):
             if member is None:
                 continue

@@ -47,10 +47,15 @@ def _logprob_requests():
     return requests
 
 
-def test_lean_forward_equals_transformers_forward_on_mixed_steps(tiny_base, adapters):
+@pytest.mark.parametrize("diag_b", [True, False], ids=["b-diag", "b-per-member"])
+def test_lean_forward_equals_transformers_forward_on_mixed_steps(tiny_base, adapters, diag_b, monkeypatch):
     """Same requests (3 adapters' worth of rows, a mix, the base, a long prompt in chunks beside
     decoding rows) through the lean forward and through transformers' forward, fp32: the same
-    tokens, and every token's logprob and top-3 within 1e-4."""
+    tokens, and every token's logprob and top-3 within 1e-4. Both ways a grouped LoRA adds its B
+    rows: one GEMM over the block-diagonal B, or one per member."""
+    from loraplex.server.engine import lora
+
+    monkeypatch.setitem(lora.DIAG_B, "enabled", diag_b)
     results = {}
     for lean in (True, False):
         engine = _engine(tiny_base, adapters, lean_forward=lean, max_num_batched_tokens=9)

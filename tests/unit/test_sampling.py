@@ -167,3 +167,22 @@ def test_constrained_draws_follow_the_masked_distribution_and_empty_masks_are_fl
         RowSampling(SamplingParams(temperature=0.0), None),
     ]
     assert sample_step(_logits(rows=2), rows).dead == [True, False]
+
+
+def test_greedy_tokens_are_torch_argmax_with_ties_nan_and_masked_rows():
+    """The two-pass argmax returns torch.argmax's indices: first maximum on ties (inside one
+    chunk and across chunks), NaN counted as the maximum, all -inf rows, odd vocabularies."""
+    from loraplex.server.engine.sampling import greedy_tokens
+
+    gen = torch.Generator().manual_seed(3)
+    for vocab in (49152, 1024, 320, 1000):  # 1000: no chunk size divides it (torch.argmax)
+        scores = torch.randn(12, vocab, generator=gen)
+        scores[0, 7] = scores[0, vocab - 1] = 50.0  # tie across chunks: the first wins
+        scores[1, 3] = scores[1, 4] = 60.0  # tie inside a chunk
+        scores[2] = float("-inf")  # a row a constraint masked entirely
+        scores[3, vocab // 2] = float("nan")
+        scores[4, vocab - 1] = 70.0  # the last column
+        scores[5] = scores[5].round()  # many ties
+        assert torch.equal(greedy_tokens(scores), torch.argmax(scores, dim=-1)), vocab
+        for rows in (1, 2, 3):
+            assert torch.equal(greedy_tokens(scores[:rows]), torch.argmax(scores[:rows], dim=-1))
