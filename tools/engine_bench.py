@@ -294,7 +294,7 @@ def profile_phase(phase: str, engine, names, args) -> None:
 
 #: --ab switches: name -> (label of A, label of B, a function that sets the switch)
 def _ab_switches(engine) -> dict:
-    from loraplex.server.engine import lora, sampling
+    from loraplex.server.engine import kvcache, lora, sampling
 
     small = lora.SMALL_M_FP32
     lean = engine.lean
@@ -319,6 +319,7 @@ def _ab_switches(engine) -> dict:
         "small_fp32": ("small_fp32", "bf16_lora", lambda on: setattr(lora, "SMALL_M_FP32", small if on else 0)),
         "diag": ("diag_b", "per_member_b", lambda on: lora.DIAG_B.__setitem__("enabled", on)),
         "argmax": ("chunked_argmax", "torch_argmax", lambda on: sampling.CHUNKED_ARGMAX.__setitem__("enabled", on)),
+        "gqa_fold": ("gqa_folded", "enable_gqa", lambda on: kvcache.FOLD_GQA.__setitem__("enabled", on)),
     }
 
 
@@ -338,7 +339,7 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "
                    "with the same adapters, and alternate the two engines phase by phase in this process")
