@@ -53,6 +53,12 @@ class PhaseResult:
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
     errors: int = 0
+    error_samples: list[str] = field(default_factory=list)  # the first few distinct failures, in words
+
+    def failed(self, what: str) -> None:
+        self.errors += 1
+        if what not in self.error_samples and len(self.error_samples) < 3:
+            self.error_samples.append(what)
 
     @property
     def tok_per_s(self) -> float:
@@ -69,6 +75,7 @@ class PhaseResult:
             "ttft_p99_ms": _pct(self.ttft, 99),
             "itl_p50_ms": _pct(self.itl, 50),
             "itl_p99_ms": _pct(self.itl, 99),
+            **({"error_samples": self.error_samples} if self.error_samples else {}),
         }
 
 
@@ -82,7 +89,7 @@ def _pct(values: list[float], q: float) -> float | None:
 
 def _combine(a: PhaseResult, b: PhaseResult) -> PhaseResult:
     return PhaseResult(a.name, a.requests + b.requests, a.output_tokens + b.output_tokens, a.seconds + b.seconds,
-                       a.ttft + b.ttft, a.itl + b.itl, a.errors + b.errors)
+                       a.ttft + b.ttft, a.itl + b.itl, a.errors + b.errors, (a.error_samples + [e for e in b.error_samples if e not in a.error_samples])[:3])
 
 
 def _pick(adapters: list[str], mix: str, rng: random.Random, base: str) -> str:
@@ -107,8 +114,8 @@ async def _one_request(client, url: str, model: str, prompt: list[int], max_toke
     try:
         async with client.stream("POST", url + "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
-                await resp.aread()
-                result.errors += 1
+                body_text = (await resp.aread()).decode("utf-8", "replace")
+                result.failed(f"HTTP {resp.status_code}: {body_text[:200]}")
                 return
             async for line in resp.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -125,8 +132,8 @@ async def _one_request(client, url: str, model: str, prompt: list[int], max_toke
                         on_token(now, now - last)
                 last = now
                 result.output_tokens += 1
-    except Exception:
-        result.errors += 1
+    except Exception as exc:
+        result.failed(f"{type(exc).__name__}: {str(exc)[:200]}")
         return
     result.requests += 1
 

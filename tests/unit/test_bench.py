@@ -111,3 +111,21 @@ def test_no_peer_binary_is_a_clear_error(tmp_path):
     fake.write_text("")
     with pytest.raises(FileNotFoundError, match="convert_lora_to_gguf.py"):
         find_converter(fake)
+
+
+def test_failed_requests_are_counted_with_their_reason(tiny_base, tmp_path):
+    """A phase whose requests the server refuses reports them as errors, with the server's answer
+    in words (``error_samples``), never silently: here an adapter name the server does not know."""
+    import asyncio
+
+    from loraplex.server.bench import run_load
+
+    store = tmp_path / "adapters"
+    store.mkdir()
+    with ServerProcess(tiny_base, store, "--max-batch-size", "2") as srv:
+        result = asyncio.run(run_load(srv.url, "mixed", adapters=["no-such-adapter"], base="base", mix="uniform", concurrency=2, requests=3,
+                                      prompt_tokens=4, output_tokens=2, seed=0))
+    summary = result.summary()
+    assert summary["errors"] == 3 and summary["requests"] == 0 and summary["output_tokens"] == 0
+    assert len(summary["error_samples"]) == 1  # three identical failures, one sample
+    assert summary["error_samples"][0].startswith("HTTP 404") and "no-such-adapter" in summary["error_samples"][0]
