@@ -419,8 +419,12 @@ GROUPED_LORA = {"enabled": True}
 #: place a group's B rows block-diagonally and add them with one GEMM where that pays (see
 #: LoraGroup._diag_pays); a switch so tools/engine_bench.py can compare both in one process
 DIAG_B = {"enabled": True}
-DIAG_CALL_US = 30.0  # fixed cost of one small bf16 GEMM call on the development machine
-DIAG_FLOPS_PER_US = 700e3  # bf16 GEMM rate beyond that (700 GFLOP/s)
+# Fitted to [N, R] x [R, out] bf16 products on the development machine (gate/up and q/k/v at ranks
+# 8 and 16, N = 16..512): one call costs ~60-75 us beyond its multiply-adds, done at ~900 GFLOP/s;
+# e.g. gate/up with 8 rank-8 adapters: one B_diag GEMM 97-103 us against 140-174 us for two at N=64,
+# 343 against 306 at N=256
+DIAG_CALL_US = 60.0
+DIAG_FLOPS_PER_US = 900e3
 
 
 class LoraGroup:
@@ -430,7 +434,7 @@ class LoraGroup:
     the used slots or any member's rows change; it holds only the used slots' A rows), the
     per-token mask is applied once, and each member's B rows (read in place) add into its span:
     ``2 + members`` ops instead of ``3 x members``. Where the members' B products are so small
-    that their per-call cost dominates (q/k/v at decode sizes; see ``_diag_pays``), the B rows are
+    that their per-call cost dominates (decode-sized steps; see ``_diag_pays``), the B rows are
     instead placed block-diagonally in one ``B_diag [R, sum(out)]`` (a copy, zero where a member's
     rows meet another member's columns, built once per set of used slots) and added by ONE GEMM
     into the whole fused output: 3 ops for the group. Single-adapter and small steps, and rows
@@ -502,8 +506,8 @@ class LoraGroup:
 
     def _diag_pays(self, n: int, members: tuple, spans: Sequence[tuple[int, int]]) -> bool:
         """Whether one GEMM over ``B_diag`` beats one per member for ``n`` tokens: its extra
-        multiply-adds (the zero blocks) against the fixed cost of the calls it saves (measured on
-        this machine: ~30 us per small bf16 GEMM whatever its size, ~700 GFLOP/s beyond that)."""
+        multiply-adds (the zero blocks) against the fixed cost of the calls it saves
+        (``DIAG_CALL_US``, ``DIAG_FLOPS_PER_US``)."""
         present = [(m, span) for m, span in zip(members, spans) if m is not None]
         if len(present) < 2:
             return False
