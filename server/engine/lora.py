@@ -425,6 +425,9 @@ DIAG_B = {"enabled": True}
 # 343 against 306 at N=256
 DIAG_CALL_US = 60.0
 DIAG_FLOPS_PER_US = 900e3
+#: the largest B_diag copy a group keeps (it lives while the same slots are in use): 8 rank-16
+#: adapters' gate/up rows take 1.5 MiB; at most ~120 MiB over a 30-layer model's 60 groups
+DIAG_MAX_BYTES = 2 << 20
 
 
 class LoraGroup:
@@ -507,12 +510,15 @@ class LoraGroup:
     def _diag_pays(self, n: int, members: tuple, spans: Sequence[tuple[int, int]]) -> bool:
         """Whether one GEMM over ``B_diag`` beats one per member for ``n`` tokens: its extra
         multiply-adds (the zero blocks) against the fixed cost of the calls it saves
-        (``DIAG_CALL_US``, ``DIAG_FLOPS_PER_US``)."""
+        (``DIAG_CALL_US``, ``DIAG_FLOPS_PER_US``); never when the copy would exceed
+        ``DIAG_MAX_BYTES`` (many adapters in one step)."""
         present = [(m, span) for m, span in zip(members, spans) if m is not None]
         if len(present) < 2:
             return False
         rows = sum(m[5] - m[4] for m, _ in present)
         width = spans[-1][1]
+        if rows * width * (torch.finfo(self.modules[0].dtype).bits // 8) > DIAG_MAX_BYTES:
+            return False
         wasted = 2 * n * (rows * width - sum((m[5] - m[4]) * (hi - lo) for m, (lo, hi) in present))
         return wasted / DIAG_FLOPS_PER_US < DIAG_CALL_US * (len(present) - 1)
 

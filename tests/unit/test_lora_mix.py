@@ -129,3 +129,23 @@ def test_a_layer_not_targeted_by_a_mix_member_applies_the_others():
     expect = base(x)[0].detach()
     expect = expect + torch.stack([0.7 * a1.scale * (x[0, 0] @ a1.a.T @ a1.b.T), 0.5 * a3.scale * (x[0, 1] @ a3.a.T @ a3.b.T)])
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_group_adds_b_rows_by_one_gemm_only_where_it_pays_and_fits():
+    """``LoraGroup._diag_pays``: gate/up with 8 rank-8 adapters at 64 tokens takes the one
+    block-diagonal GEMM (measured faster here); at 256 tokens its zero blocks cost more than the
+    call it saves; and with 64 rank-8 adapters in a 17-token step, where the cost model alone
+    would take it, the copy (6 MiB for this layer) is refused, so a step using many adapters
+    cannot grow memory by a block-diagonal copy per layer."""
+    ctx = LoraBatchContext()
+    gate, up = (MultiLoraLinear(torch.nn.Linear(576, 1536, bias=False).to(torch.bfloat16), n, ctx, dtype=torch.bfloat16) for n in ("gate_proj", "up_proj"))
+    group = lora.LoraGroup([gate, up])
+    spans = ((0, 1536), (1536, 3072))
+
+    def members(rows):  # (block, lo, hi, index, r0, r1) per member, as LoraGroup._members builds them
+        return ((0, 0, rows, None, 0, rows), (0, 0, rows, None, rows, 2 * rows))
+
+    assert group._diag_pays(64, members(64), spans)
+    assert not group._diag_pays(256, members(64), spans)
+    assert not group._diag_pays(17, members(512), spans)  # 1024 x 3072 bf16: over DIAG_MAX_BYTES
+    assert not group._diag_pays(64, (members(64)[0], None), spans)  # one member: nothing to save
