@@ -21,7 +21,11 @@ per block), at the served dtype and at each adapter's own rank, only in the laye
 targets: stored once (no per-step concatenation, no second copy), and the slots of a step are
 usually one contiguous span of one block (slots are handed out lowest first). Free rows are
 zero. Writing an adapter changes no other slot's rows and blocks are only ever added, never
-moved, so a write may run on another thread while the engine decodes.
+moved, so a write may run on another thread while the engine decodes. Besides the stored rows
+there are working copies for speed, each rebuilt from the rows when they change and dropped when
+a member's slot is cleared: a lone streaming slot's rows in fp32 (``MultiLoraLinear``,
+``LoraGroup._single_f32``) and, for mixed steps, a group's used A rows and block-diagonal B rows
+(``LoraGroup``; at most ``DIAG_MAX_BYTES`` of B per group).
 
 bf16 base Linears on CPU (and the lm_head) run on oneDNN-prepacked weights: bit-identical to
 ``F.linear``, without re-laying out the weight on every call (what dominates small-M decode).
@@ -196,7 +200,8 @@ class MultiLoraLinear(nn.Module):
         # oneDNN-prepacked bf16 weight for a plain CPU nn.Linear (bitsandbytes layers are subclasses: not packed)
         self._packed = pack_weight(base.weight) if type(base) is nn.Linear else None
         self.stack_a = None  # kept for callers that check it
-        self._single_f32: tuple | None = None  # ((slot, rows version), A^T [in, r], B [r, out]) fp32, see add_lora
+        self._single_f32: tuple | None = None  # ((slot, rows version), A [r, in], B [r, out]) fp32, see add_lora
+        self.groups: list["LoraGroup"] = []  # the groups this layer belongs to (their copies are dropped with a slot)
 
     # ------------------------------------------------------------- weights
     @property
@@ -285,6 +290,9 @@ class MultiLoraLinear(nn.Module):
         found = self.row_of.pop(slot, None)
         if found is None:
             return
+        self._single_f32 = None  # working copies may hold this slot's rows: dropped with it
+        for group in self.groups:
+            group.forget()
         block, start, rank = found
         self._rows_version += 1
         rows_a, rows_b = self.blocks[block]
@@ -423,6 +431,7 @@ DIAG_B = {"enabled": True}
 # 8 and 16, N = 16..512): one call costs ~60-75 us beyond its multiply-adds, done at ~900 GFLOP/s;
 # e.g. gate/up with 8 rank-8 adapters: one B_diag GEMM 97-103 us against 140-174 us for two at N=64,
 # 343 against 306 at N=256
+# (CPU only: on other devices each member adds its own B rows)
 DIAG_CALL_US = 60.0
 DIAG_FLOPS_PER_US = 900e3
 #: the largest B_diag copy a group keeps (it lives while the same slots are in use): 8 rank-16
@@ -445,6 +454,8 @@ class LoraGroup:
 
     def __init__(self, modules: Sequence[MultiLoraLinear]) -> None:
         self.modules = tuple(modules)
+        for module in self.modules:
+            module.groups.append(self)
         self._cache: tuple | None = None  # (key, A_cat [R, in], columns [R], mask key, per member (block, lo, hi, index, r0, r1))
         self._diag: tuple | None = None  # (cache key, B_diag [R, width]) for the used slots, see _b_diag
         self._single: tuple | None = None  # (key, A_cat [R, in], B_diag [R, width]) fp32, see _single_f32
@@ -507,6 +518,11 @@ class LoraGroup:
         self._cache = (key, torch.cat(parts), torch.cat(columns), ("group", *layout), tuple(members))
         return self._cache
 
+    def forget(self) -> None:
+        """Drop the working copies (a member's slot was cleared, or this step does not use them):
+        they are rebuilt from the stored rows when needed."""
+        self._cache = self._diag = self._single = None
+
     def _diag_pays(self, n: int, members: tuple, spans: Sequence[tuple[int, int]]) -> bool:
         """Whether one GEMM over ``B_diag`` beats one per member for ``n`` tokens: its extra
         multiply-adds (the zero blocks) against the fixed cost of the calls it saves
@@ -550,6 +566,7 @@ class LoraGroup:
         if ctx.single and small and GROUPED_LORA["enabled"]:
             single = self._single_f32(ctx, spans)
             if single is not None:  # y += (x @ A_cat^T) @ B_diag: 4 ops for the whole group, in fp32
+                self._cache = self._diag = None  # the mixed-step copies: not needed while one slot streams alone
                 y2.add_(F.linear(x2.float(), single[1]) @ single[2])  # [N, sum(out)] += ([N, in] @ A_cat^T) @ [R, sum(out)]
                 return
         self._single = None
@@ -561,9 +578,10 @@ class LoraGroup:
             return
         _, a_cat, columns, mask_key, members = found
         delta_in = (x2 @ a_cat.T).mul_(ctx.mask(mask_key, columns, first.dtype))  # [N, R]: each token's own slots' rows, weighted
-        if DIAG_B["enabled"] and y2.shape[1] == spans[-1][1] and self._diag_pays(x2.shape[0], members, spans):
+        if DIAG_B["enabled"] and x2.device.type == "cpu" and y2.shape[1] == spans[-1][1] and self._diag_pays(x2.shape[0], members, spans):
             y2.addmm_(delta_in, self._b_diag(found, y2.shape[1], spans))  # [N, width] += [N, R] @ [R, width]
             return
+        self._diag = None
         for module, (lo, hi), member in zip(self.modules, spans, members):
             if member is None:
                 continue

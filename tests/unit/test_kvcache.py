@@ -56,7 +56,13 @@ def test_growth_doubles_and_keeps_cached_values():
         cache.reserve(s, 65)
 
 
-def test_attention_over_the_buffers_equals_causal_attention_per_sequence():
+@pytest.mark.parametrize("fold_gqa", [True, False], ids=["gqa-folded", "enable-gqa"])
+def test_attention_over_the_buffers_equals_causal_attention_per_sequence(fold_gqa, monkeypatch):
+    """Decode rows (with each kv head's query heads folded into query positions, or through
+    enable_gqa) and prefill chunks, against causal attention computed here per sequence."""
+    from loraplex.server.engine import kvcache
+
+    monkeypatch.setitem(kvcache.FOLD_GQA, "enabled", fold_gqa)
     torch.manual_seed(0)
     cache = _cache()
     seqs = {}

@@ -149,3 +149,44 @@ def test_a_group_adds_b_rows_by_one_gemm_only_where_it_pays_and_fits():
     assert not group._diag_pays(256, members(64), spans)
     assert not group._diag_pays(17, members(512), spans)  # 1024 x 3072 bf16: over DIAG_MAX_BYTES
     assert not group._diag_pays(64, (members(64)[0], None), spans)  # one member: nothing to save
+
+
+def test_a_group_drops_its_working_copies_with_a_cleared_slot_and_rebuilds_them():
+    """A mixed bf16 step of 32 tokens builds a group's working copies (A rows, block-diagonal B);
+    clearing a member's slot (an unload) drops them at once, so the unloaded adapter's rows do
+    not stay in memory; the next mixed step rebuilds them from the stored rows, and both steps
+    equal the sum computed here from the raw tensors. A lone-stream step drops the mixed copies."""
+    torch.manual_seed(1)
+    ctx = LoraBatchContext()
+    bases = [torch.nn.Linear(IN, OUT, bias=False).to(torch.bfloat16) for _ in range(2)]
+    members = [MultiLoraLinear(base, f"p{i}", ctx, dtype=torch.bfloat16) for i, base in enumerate(bases)]
+    group = lora.LoraGroup(members)
+    spans = ((0, OUT), (OUT, 2 * OUT))
+    adapters = {slot: [W(torch.randn(2, IN), torch.randn(OUT, 2), 0.5) for _ in members] for slot in (1, 2)}
+    for slot, ws in adapters.items():
+        for member, w in zip(members, ws):
+            member.write(slot, w)
+    x = torch.randn(32, IN).to(torch.bfloat16)
+
+    def step(slots):
+        ctx.set_token_slots(slots, "cpu")
+        y = torch.zeros(32, 2 * OUT, dtype=torch.bfloat16)
+        group.add_lora(x, y, spans)
+        expect = torch.zeros(32, 2 * OUT)
+        for i, slot in enumerate(slots):
+            for m, (lo, hi) in enumerate(spans):
+                if slot in adapters:
+                    w = adapters[slot][m]
+                    expect[i, lo:hi] = w.scale * ((x[i].float() @ w.a.T) @ w.b.T)
+        torch.testing.assert_close(y.float(), expect, atol=0.1, rtol=0.05)
+
+    step([1, 2] * 16)
+    assert group._cache is not None and group._diag is not None
+    members[1].clear(2)  # the unload of slot 2 reaches the group
+    assert group._cache is None and group._diag is None
+    adapters[2][1] = W(torch.zeros(2, IN), torch.zeros(OUT, 2), 0.0)  # member 0 still holds slot 2, member 1 no longer
+    step([1, 2] * 16)
+    assert group._cache is not None
+    ctx.set_token_slots([1] * 4, "cpu")
+    group.add_lora(x[:4], torch.zeros(4, 2 * OUT, dtype=torch.bfloat16), spans)  # a lone stream, few tokens
+    assert group._cache is None and group._diag is None
