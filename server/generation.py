@@ -402,7 +402,10 @@ class Generation:
         else:
             size, prompt = len(req.prompt), req.prompt
             work = lambda: text_ids(self.tokenizer, prompt)  # noqa: E731
-        return await self.off_loop(work, size)
+        ids = await self.off_loop(work, size)
+        # an empty text (or one the tokenizer maps to nothing) has no position to generate from
+        _check(len(ids) > 0, "prompt is empty: it tokenizes to no tokens (at least 1 is needed)", "prompt" if req.messages is None else "messages")
+        return ids
 
     async def off_loop(self, work: Callable[[], Any], size: int) -> Any:
         """Run tokenizer work inline when small, else in the tokenizer thread."""

@@ -108,6 +108,20 @@ def test_text_that_is_not_unicode_is_refused_naming_the_field(server, path, raw,
     assert_error(post(server, path, raw), 400, param, "is not valid Unicode text")
 
 
+def test_a_text_prompt_of_no_tokens_is_refused_not_an_engine_failure(server):
+    """Some control characters (U+0004, U+0006, U+0013, U+0014, U+0016, U+001D) map to no token
+    in SmolLM2's tokenizer as transformers reads it from the GGUF: a prompt made only of them
+    reached the engine with no token and came back as a 500 (found by the fuzz test). It is a 400
+    naming the prompt, on both fronts, and the server keeps serving."""
+    assert_error(post(server, "/v1/completions", {"model": "ha", "prompt": "\x04\x06", "max_tokens": 2}), 400, "prompt", "tokenizes to no tokens")
+    assert_error(post(server, "/v1/completions", {"model": "ha", "prompt": ["x", "\x13"], "max_tokens": 2}), 400, "prompt", "tokenizes to no tokens")
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.InferenceStub(channel).Generate(pb.GenerateRequest(adapter="ha", prompt="\x1d", sampling=pb.SamplingParams(max_tokens=2)), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tokenizes to no tokens" in err.value.details()
+    assert post(server, "/v1/completions", {"model": "ha", "prompt": "x", "max_tokens": 2}).status_code == 200  # and the server keeps serving
+
+
 def test_error_bodies_always_encode(server):
     # before: UnicodeEncodeError writing the 404 for this name (500)
     assert_error(post(server, "/v1/completions", b'{"model": "\\ud800", "prompt": "x"}'), 400, "model", "lone surrogate")
