@@ -165,6 +165,12 @@ class PackedLinear(nn.Module):
 #: rows per block of a layer's LoRA storage: 8 rank-8 adapters share one block
 BLOCK_ROWS = 64
 
+def _read_rows(rows: torch.Tensor, lo: int, hi: int, index: torch.Tensor | None) -> torch.Tensor:
+    """A block's rows of a step's slots: the span [lo, hi) in place, or the gathered rows ``index``
+    (see ``MultiLoraLinear._rows_plan``)."""
+    return rows[lo:hi] if index is None else rows.index_select(0, index)
+
+
 #: up to this many tokens, a bf16 CPU step computes the LoRA products in fp32 (see forward)
 SMALL_M_FP32 = 16
 
@@ -407,10 +413,7 @@ class MultiLoraLinear(nn.Module):
         plan = self._rows_plan(ctx)
         for block, key, lo, hi, columns, index in plan:
             rows_a, rows_b = blocks[block]
-            if index is None:
-                a, b = rows_a[lo:hi], rows_b[lo:hi]  # views: [R, in], [R, out]
-            else:
-                a, b = rows_a.index_select(0, index), rows_b.index_select(0, index)
+            a, b = _read_rows(rows_a, lo, hi, index), _read_rows(rows_b, lo, hi, index)  # [R, in], [R, out]
             if small:  # as above, fp32 for a few tokens
                 delta_in = (x2.float() @ a.float().T).mul_(ctx.mask(key, columns, torch.float32))  # [N, R]
                 y2.add_(delta_in @ b.float())
@@ -506,7 +509,7 @@ class LoraGroup:
                 continue
             block, mask_key, lo, hi, cols, index = plan[0]
             rows_a = module.blocks[block][0]
-            a = rows_a[lo:hi] if index is None else rows_a.index_select(0, index)  # [R_i, in]
+            a = _read_rows(rows_a, lo, hi, index)  # [R_i, in]
             parts.append(a)
             columns.append(cols)
             layout.append(mask_key)
@@ -533,7 +536,7 @@ class LoraGroup:
             return False
         rows = sum(m[5] - m[4] for m, _ in present)
         width = spans[-1][1]
-        if rows * width * (torch.finfo(self.modules[0].dtype).bits // 8) > DIAG_MAX_BYTES:
+        if rows * width * self.modules[0].dtype.itemsize > DIAG_MAX_BYTES:
             return False
         wasted = 2 * n * (rows * width - sum((m[5] - m[4]) * (hi - lo) for m, (lo, hi) in present))
         return wasted / DIAG_FLOPS_PER_US < DIAG_CALL_US * (len(present) - 1)
@@ -551,8 +554,7 @@ class LoraGroup:
             if member is None:
                 continue
             block, row_lo, row_hi, index, r0, r1 = member
-            rows_b = module.blocks[block][1]
-            b_diag[r0:r1, lo:hi] = rows_b[row_lo:row_hi] if index is None else rows_b.index_select(0, index)
+            b_diag[r0:r1, lo:hi] = _read_rows(module.blocks[block][1], row_lo, row_hi, index)
         self._diag = (key, b_diag)
         return b_diag
 
@@ -587,7 +589,7 @@ class LoraGroup:
                 continue
             block, row_lo, row_hi, index, r0, r1 = member
             rows_b = module.blocks[block][1]
-            b = rows_b[row_lo:row_hi] if index is None else rows_b.index_select(0, index)  # [R_i, out]
+            b = _read_rows(rows_b, row_lo, row_hi, index)  # [R_i, out]
             y2[:, lo:hi].addmm_(delta_in[:, r0:r1], b)  # [N, out_i] += [N, R_i] @ [R_i, out_i]
 
 
