@@ -114,8 +114,14 @@ def install(engine, model, n: int, rank: int, memory: dict | None = None) -> lis
         names.append(name)
         del modules
         if memory is not None and i in (0, n - 1):
+            lean = getattr(engine, "lean", None)
+            if lean is not None and hasattr(lean, "settle"):
+                lean.settle()  # steady state: the background refold done, its transient copies freed
             gc.collect()
             memory[f"rss_after_{i + 1}_mib"] = round(_rss_mib(), 1)
+    lean = getattr(engine, "lean", None)
+    if lean is not None and hasattr(lean, "settle"):
+        lean.settle()  # the LoRA A rows folded into the base GEMMs (a background refold)
     if memory is not None and n > 1:
         # loraplex bench's figure: from 1 to n adapters (LoRA rows come in blocks of several
         # adapters, so this can read ~0 while the first block covers all n) ...
@@ -311,6 +317,12 @@ def _ab_switches(engine) -> dict:
             for fused in layer.fused:
                 fused.int4_rows = rows if on else 0
 
+    def use_fold(on: bool) -> None:
+        lora.FOLD_A["enabled"] = on
+        if lean is not None:
+            with engine.slot_table.lock:
+                lean.refresh_lora()
+
     return {
         "lean": ("lean", "transformers", use_lean),
         "int4": ("int4", "bf16_gemm", use_int4),
@@ -320,6 +332,7 @@ def _ab_switches(engine) -> dict:
         "diag": ("diag_b", "per_member_b", lambda on: lora.DIAG_B.__setitem__("enabled", on)),
         "argmax": ("chunked_argmax", "torch_argmax", lambda on: sampling.CHUNKED_ARGMAX.__setitem__("enabled", on)),
         "gqa_fold": ("gqa_folded", "enable_gqa", lambda on: kvcache.FOLD_GQA.__setitem__("enabled", on)),
+        "fold_a": ("folded_shrink", "separate_shrink", use_fold),
     }
 
 
@@ -339,7 +352,7 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "
                    "with the same adapters, and alternate the two engines phase by phase in this process")

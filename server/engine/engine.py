@@ -164,6 +164,8 @@ class Engine(RowEngine):
         if reason is None:
             self.lean = LlamaStepForward(model, max_len=max_model_len, dtype=self.dtype, device=self.device, int4_rows=int4_decode_rows)
             self.forward_path = "lean"
+            lean, lock = self.lean, self.slot_table.lock
+            self.slot_table.on_change.append(lambda: lean.schedule_refresh(lock))
             log.info("engine forward: lean Llama; int4 decode GEMMs %s", self.lean.int4_reason)
         else:
             log.info("engine forward: transformers' (%s)", reason)

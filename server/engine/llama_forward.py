@@ -26,6 +26,8 @@ This module knows nothing of requests, adapters' names or files; it reads the en
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.server.engine.int4 import Int4Weight, exact_int4
-from loraplex.server.engine.lora import PACKED_LINEARS, LoraGroup, MultiLoraLinear, pack_weight, packed_linear
+from loraplex.server.engine.lora import PACKED_LINEARS, SMALL_M_FP32, Fold, FoldedShrink, LoraGroup, MultiLoraLinear, pack_weight, packed_linear
+
+log = logging.getLogger(__name__)
 
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
@@ -104,6 +108,7 @@ class _Fused:
     out_features: int
     int4: Int4Weight | None = None  # the weight's exact int4 form, for steps of at most int4_rows rows
     int4_rows: int = 0
+    shrink: FoldedShrink | None = None  # the members' LoRA A rows folded into this GEMM (see lora.py)
 
     @classmethod
     def of(cls, modules: list[MultiLoraLinear]) -> "_Fused":
@@ -123,14 +128,48 @@ class _Fused:
         for m in modules:
             spans.append((start, start + m.out_features))
             start += m.out_features
-        return cls(weight=weight, packed=pack_weight(weight), bias=bias, spans=tuple(spans), out_features=start)
+        fused = cls(weight=weight, packed=pack_weight(weight), bias=bias, spans=tuple(spans), out_features=start)
+        if fused.packed is not None:  # bf16 on CPU: the shrink can ride on the prepacked GEMM
+            fused.shrink = FoldedShrink(weight, bias, modules, fused.spans)
+        return fused
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def refresh_lora(self) -> None:
+        """Re-fold the members' A rows after an adapter change (slot table lock held). While a
+        fold exists its prepacked weight holds the base rows, so the plain one is dropped (one
+        copy of the base weights); it is packed again when the fold goes."""
+        if self.shrink is None:
+            return
+        if self.shrink.refresh():
+            self.packed = None
+        elif self.packed is None:
+            self.packed = pack_weight(self.weight)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, Fold | None]:
+        """``(y, fold)``: y [N, out] or, when ``fold`` is not None, [N, out + R] with the folded
+        LoRA products in the last R columns."""
         if self.int4 is not None and x.shape[0] <= self.int4_rows:
-            return self.int4(x, self.bias)
-        if self.packed is not None and PACKED_LINEARS["enabled"]:
-            return packed_linear(x, self.packed, self.bias, self.out_features)
-        return F.linear(x, self.weight, self.bias)
+            return self.int4(x, self.bias), None
+        if PACKED_LINEARS["enabled"]:
+            fold = self.shrink.fold if self.shrink is not None else None  # the last build: its base columns are always right
+            if fold is not None:
+                return packed_linear(x, fold.packed, fold.bias, fold.width + sum(fold.rows)), fold
+            if self.packed is not None:
+                return packed_linear(x, self.packed, self.bias, self.out_features), None
+        return F.linear(x, self.weight, self.bias), None
+
+    def add_lora(self, lora: "LoraGroup | MultiLoraLinear", x: torch.Tensor, out: torch.Tensor, fold: Fold | None) -> torch.Tensor:
+        """The base output ``out`` [N, out(+R)] plus every member's LoRA, in place; returns the
+        [N, out] view. Through the fold's extra columns for steps past the small-step size when
+        the fold is current and covers the step, else through ``lora`` (which reads its rows
+        itself)."""
+        y = out[:, : self.out_features] if fold is not None else out
+        if fold is not None and x.shape[0] > SMALL_M_FP32 and self.shrink.add_lora(fold, out[:, self.out_features :], y, lora.context):
+            return y
+        if isinstance(lora, LoraGroup):
+            lora.add_lora(x, y, self.spans)
+        else:
+            lora.add_lora(x, y)
+        return y
 
 
 @dataclass
@@ -193,6 +232,9 @@ class LlamaStepForward:
             for m in qkv + gate_up + (attn.o_proj, mlp.down_proj):  # their base GEMM runs here now: drop the module's prepacked copy
                 m.drop_packed()
         self.layers = layers
+        self._refresh_state = threading.Condition()
+        self._refresh_wanted = False
+        self._refresher: threading.Thread | None = None
         self.int4_rows = 0
         self.int4_reason = self._use_int4(int4_rows, dtype, torch.device(device))
         _return_freed_memory()  # the replaced per-projection weights and the int4 check's temporaries
@@ -201,6 +243,48 @@ class LlamaStepForward:
         probe = torch.zeros(1, dtype=dtype, device=device)
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+
+    def refresh_lora(self) -> None:
+        """Re-fold the LoRA A rows of every projection whose members changed into its base GEMM
+        (lora.FoldedShrink), now; the caller holds the slot table's lock."""
+        for layer in self.layers:
+            for fused in layer.fused:
+                fused.refresh_lora()
+        _return_freed_memory()  # the replaced prepacked weights
+
+    def schedule_refresh(self, lock) -> None:
+        """After the adapters changed (the slot table's hook): refold on a background thread
+        holding ``lock`` (the slot table's), so neither the engine thread nor the installing
+        thread waits ~250 ms (the lock is taken per projection, so a change waits a few ms at
+        most); changes arriving meanwhile are folded by the same thread. Until it is done, steps
+        add LoRA by the plain path (see FoldedShrink)."""
+        with self._refresh_state:
+            self._refresh_wanted = True
+            if self._refresher is None:
+                self._refresher = threading.Thread(target=self._refresh_loop, args=(lock,), name="loraplex-lora-fold", daemon=True)
+                self._refresher.start()
+
+    def _refresh_loop(self, lock) -> None:
+        while True:
+            with self._refresh_state:
+                if not self._refresh_wanted:
+                    self._refresher = None
+                    self._refresh_state.notify_all()
+                    return
+                self._refresh_wanted = False
+            try:
+                for layer in self.layers:
+                    for fused in layer.fused:
+                        with lock:  # one projection at a time: an install or unload waits a few ms at most
+                            fused.refresh_lora()
+                _return_freed_memory()
+            except Exception:  # e.g. out of memory while repacking: the plain LoRA path keeps serving
+                log.exception("folding the LoRA A rows into the base GEMMs failed; LoRA runs unfolded")
+
+    def settle(self, timeout: float = 60.0) -> bool:
+        """Wait until no refold is pending (tests, benchmarks); True when settled."""
+        with self._refresh_state:
+            return self._refresh_state.wait_for(lambda: self._refresher is None, timeout)
 
     def _use_int4(self, rows: int, dtype: torch.dtype, device: torch.device) -> str:
         """Pack every projection as int4 when the base's weights are exactly int4 (all or none)."""
@@ -241,23 +325,19 @@ class LlamaStepForward:
         cache = plan.cache
         for index, layer in enumerate(self.layers):
             x = self._rms(h, layer.in_norm)  # [N, H]
-            qkv = layer.qkv(x)  # [N, q_out + 2 kv_out]
-            layer.qkv_lora.add_lora(x, qkv, layer.qkv.spans)
+            qkv = layer.qkv.add_lora(layer.qkv_lora, x, *layer.qkv(x))  # [N, q_out + 2 kv_out]
             qk = self._rotate(qkv[:, : q_out + kv_out].view(n, self.heads + self.kv_heads, self.head_dim), cos, sin)  # q and k heads together
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = qkv[:, q_out + kv_out :].view(n, self.kv_heads, self.head_dim)
             attn = cache.attend_flat(index, plan, q, k, v, self.scale)  # [N, heads, d]
             attn = attn.reshape(n, q_out)
-            o = layer.o_proj(attn)  # [N, H]
-            layer.o_lora.add_lora(attn, o)
+            o = layer.o_proj.add_lora(layer.o_lora, attn, *layer.o_proj(attn))  # [N, H]
             h = h + o
             x = self._rms(h, layer.post_norm)
-            gate_up = layer.gate_up(x)  # [N, 2 I]
-            layer.gate_up_lora.add_lora(x, gate_up, layer.gate_up.spans)
+            gate_up = layer.gate_up.add_lora(layer.gate_up_lora, x, *layer.gate_up(x))  # [N, 2 I]
             (g_lo, g_hi), (u_lo, u_hi) = layer.gate_up.spans
             act = F.silu(gate_up[:, g_lo:g_hi]) * gate_up[:, u_lo:u_hi]  # [N, I]
-            down = layer.down_proj(act)  # [N, H]
-            layer.down_lora.add_lora(act, down)
+            down = layer.down_proj.add_lora(layer.down_lora, act, *layer.down_proj(act))  # [N, H]
             h = h + down
         h = h.index_select(0, keep)  # [K, H]
         return self.lm_head(self._rms(h, self.norm))  # [K, vocab]

@@ -463,6 +463,10 @@ class LoraGroup:
         self._diag: tuple | None = None  # (cache key, B_diag [R, width]) for the used slots, see _b_diag
         self._single: tuple | None = None  # (key, A_cat [R, in], B_diag [R, width]) fp32, see _single_f32
 
+    @property
+    def context(self) -> LoraBatchContext:
+        return self.modules[0].context
+
     def _single_f32(self, ctx: LoraBatchContext, spans: Sequence[tuple[int, int]]) -> tuple | None:
         """For one adapter streaming alone in small steps: its members' A rows stacked,
         ``A_cat [R, in]`` (applied as ``F.linear``: MKL's x @ A^T path, see ``add_lora``), and their
@@ -531,15 +535,8 @@ class LoraGroup:
         multiply-adds (the zero blocks) against the fixed cost of the calls it saves
         (``DIAG_CALL_US``, ``DIAG_FLOPS_PER_US``); never when the copy would exceed
         ``DIAG_MAX_BYTES`` (many adapters in one step)."""
-        present = [(m, span) for m, span in zip(members, spans) if m is not None]
-        if len(present) < 2:
-            return False
-        rows = sum(m[5] - m[4] for m, _ in present)
-        width = spans[-1][1]
-        if rows * width * self.modules[0].dtype.itemsize > DIAG_MAX_BYTES:
-            return False
-        wasted = 2 * n * (rows * width - sum((m[5] - m[4]) * (hi - lo) for m, (lo, hi) in present))
-        return wasted / DIAG_FLOPS_PER_US < DIAG_CALL_US * (len(present) - 1)
+        rows = [0 if m is None else m[5] - m[4] for m in members]
+        return _diag_wins(n, rows, spans, self.modules[0].dtype.itemsize)
 
     def _b_diag(self, found: tuple, width: int, spans: Sequence[tuple[int, int]]) -> torch.Tensor:
         """``B_diag [R, width]``: each member's used B rows in its own columns, zero elsewhere;
@@ -591,6 +588,177 @@ class LoraGroup:
             rows_b = module.blocks[block][1]
             b = _read_rows(rows_b, row_lo, row_hi, index)  # [R_i, out]
             y2[:, lo:hi].addmm_(delta_in[:, r0:r1], b)  # [N, out_i] += [N, R_i] @ [R_i, out_i]
+
+
+#: fold the resident adapters' A rows into the base GEMM of their projection (bf16 on CPU, on
+#: the prepacked path); a switch so tools/engine_bench.py can compare both in one process
+FOLD_A = {"enabled": True}
+
+
+def _diag_wins(n: int, rows: Sequence[int], spans: Sequence[tuple[int, int]], itemsize: int) -> bool:
+    """Whether one GEMM over a block-diagonal B (``rows[i]`` rows for member i, in its own column
+    span) beats one GEMM per member for ``n`` tokens: the zero blocks' multiply-adds against the
+    fixed cost of the calls saved (``DIAG_CALL_US``, ``DIAG_FLOPS_PER_US``); never past
+    ``DIAG_MAX_BYTES``."""
+    present = [(r, span) for r, span in zip(rows, spans) if r]
+    if len(present) < 2:
+        return False
+    total = sum(r for r, _ in present)
+    width = spans[-1][1]
+    if total * width * itemsize > DIAG_MAX_BYTES:
+        return False
+    wasted = 2 * n * (total * width - sum(r * (hi - lo) for r, (lo, hi) in present))
+    return wasted / DIAG_FLOPS_PER_US < DIAG_CALL_US * (len(present) - 1)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One build of a ``FoldedShrink``: the base weight with its members' A rows appended,
+    prepacked, and what the extra output columns hold. Never changed once built (a refresh
+    makes a new one), so a forward on another thread reads one consistent build."""
+
+    packed: torch.Tensor  # oneDNN-prepacked [width + R, in]: base rows, then member i's block-0 A rows [0, hi_i)
+    bias: torch.Tensor | None  # [width + R] (the base bias, zero on the A rows) or None
+    width: int  # base output columns; the GEMM's output has width + R
+    versions: tuple[int, ...]  # each member's rows version when built (a write or clear bumps it)
+    rows: tuple[int, ...]  # hi_i: block-0 rows folded per member (0 = none)
+    owners: tuple[tuple[int, ...], ...]  # per member: the slot owning each folded row (0 = free)
+    b_diag: torch.Tensor | None  # [R, width]: each member's B rows [0, hi_i) in its own columns (groups only)
+    plans: dict = field(default_factory=dict, compare=False)  # ctx.used -> (layout key, columns [R]) or None
+
+
+#: the largest block-diagonal B copy a fold keeps (it lives as long as the fold): q/k/v with 8
+#: rank-8 adapters takes 360 KiB and its one GEMM measured 149-174 us against 275-316 for three
+#: (64 tokens, cold caches); gate/up would take 768 KiB per layer (23 MiB on the embedded base)
+#: for 222-239 us against 241-259: not worth the memory
+FOLD_DIAG_MAX_BYTES = 512 << 10
+
+#: column layouts of folded rows, interned so layers sharing one share the step's mask
+_LAYOUTS: dict[tuple[int, ...], tuple] = {}
+
+
+class FoldedShrink:
+    """The LoRA shrink (``x @ A^T``) of a projection's members computed INSIDE its base GEMM.
+
+    On this CPU a small bf16 GEMM costs 40-150 us whatever its size (measured: ``[64, 576] x
+    [576, 64]`` 100-120 us with cold caches), so a separate shrink GEMM per projection was a third
+    of a mixed step's LoRA time. Instead the resident adapters' A rows (each member's first block,
+    rows ``[0, hi)``: every slot there, used this step or not) are appended to the base weight and
+    prepacked once per adapter change (``refresh``, on the thread that changed the slots). Every
+    GEMM then returns ``[N, width + R]``: the base output and each token's products with all those
+    A rows, for a few percent more multiply-adds and no extra call. ``add_lora`` masks the extra
+    columns to each token's own slots (or mix weights) and adds ``(u * mask) @ B`` into the base
+    output: one GEMM over a block-diagonal B copy, or one per member.
+
+    The prepacked base weight is replaced by the folded one while a fold exists (one copy of the
+    base weights, not two). Refolding costs a repack of the projection (about 250 ms for the
+    whole embedded base), so it runs off the engine thread (``LlamaStepForward.schedule_refresh``)
+    and meanwhile the last fold keeps serving: its base columns never go stale, and its LoRA
+    columns are used only while it is current (no member's rows changed since the build) and
+    covers every slot the step uses (slots whose rows lie in a later block are not folded);
+    otherwise the caller adds LoRA by its plain path, so a step racing an install is exact.
+    Knows nothing of models or requests: a base weight, members, their spans."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, modules: Sequence[MultiLoraLinear], spans: Sequence[tuple[int, int]]) -> None:
+        self.weight = weight  # [width, in] the base weight (kept unpacked: the fold is rebuilt from it)
+        self.bias = bias
+        self.modules = tuple(modules)
+        self.spans = tuple(spans)
+        self.fold: Fold | None = None
+        self.uses = 0  # steps that added LoRA through the fold (tests check the path ran)
+
+    def current(self) -> Fold | None:
+        fold = self.fold
+        if fold is None or not FOLD_A["enabled"]:
+            return None
+        if fold.versions != tuple(m._rows_version for m in self.modules):
+            return None
+        return fold
+
+    def refresh(self) -> bool:
+        """Rebuild the fold from the members' rows if any changed (or drop it when no member holds
+        rows or folding is off); returns whether a fold exists now. Call with the slot table's lock
+        held (no write may run meanwhile)."""
+        versions = tuple(m._rows_version for m in self.modules)
+        if self.fold is not None and self.fold.versions == versions and FOLD_A["enabled"]:
+            return True
+        rows, owners, parts = [], [], [self.weight]
+        for module in self.modules:
+            hi = max((start + rank for block, start, rank in module.row_of.values() if block == 0), default=0)
+            slot_of = {}
+            for slot, (block, start, rank) in module.row_of.items():
+                if block == 0:
+                    slot_of.update({r: slot for r in range(start, start + rank)})
+            rows.append(hi)
+            owners.append(tuple(slot_of.get(r, 0) for r in range(hi)))
+            if hi:
+                parts.append(module.blocks[0][0][:hi])  # [hi, in]
+        if not FOLD_A["enabled"] or not sum(rows):
+            self.fold = None
+            return False
+        folded = torch.cat(parts)  # [width + R, in]
+        packed = pack_weight(folded)
+        if packed is None:
+            self.fold = None
+            return False
+        width = int(self.weight.shape[0])
+        bias = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(sum(rows))])
+        b_diag = None
+        if len(self.modules) > 1 and sum(rows) * self.spans[-1][1] * folded.element_size() <= FOLD_DIAG_MAX_BYTES:
+            b_diag = torch.zeros(sum(rows), self.spans[-1][1], dtype=folded.dtype, device=folded.device)
+            r0 = 0
+            for module, (lo, hi_col), hi in zip(self.modules, self.spans, rows):
+                if hi:
+                    b_diag[r0 : r0 + hi, lo:hi_col] = module.blocks[0][1][:hi]
+                r0 += hi
+        self.fold = Fold(packed=packed, bias=bias, width=width, versions=versions, rows=tuple(rows), owners=tuple(owners), b_diag=b_diag)
+        return True
+
+    def _plan(self, fold: Fold, ctx: LoraBatchContext) -> tuple | None:
+        """(layout key, columns [R]) for this step's used slots, or None when a used slot's rows
+        are not folded (in a later block)."""
+        found = fold.plans.get(ctx.used, False)
+        if found is not False:
+            return found
+        index = {s: i for i, s in enumerate(ctx.used)}
+        plan = None
+        if all(module.row_of[s][0] == 0 for module in self.modules for s in ctx.used if s in module.row_of):
+            cols = tuple(index.get(s, len(ctx.used)) for owner in fold.owners for s in owner)
+            key = _LAYOUTS.setdefault(cols, ("fold", len(_LAYOUTS)))
+            columns = torch.tensor(cols, dtype=torch.long, device=fold.packed.device)
+            plan = (key, columns, (columns == 0).to(self.weight.dtype))  # the last: rows of used[0], for single steps
+        if len(fold.plans) > 64:
+            fold.plans.clear()
+        fold.plans[ctx.used] = plan
+        return plan
+
+    def add_lora(self, fold: Fold, u: torch.Tensor, y: torch.Tensor, ctx: LoraBatchContext) -> bool:
+        """``y[:, span_i] += LoRA_i`` from the folded products ``u`` [N, R] (the extra columns of
+        ``fold``'s GEMM; scaled in place), y [N, width]; False (nothing done) when the fold does
+        not cover this step's slots or is stale (a member's rows changed since its build: the
+        caller then adds LoRA by its plain path, the GEMM's base columns being still right)."""
+        if not ctx.used:  # no token uses an adapter: the extra columns are ignored
+            return True
+        if fold.versions != tuple(m._rows_version for m in self.modules):
+            return False
+        plan = self._plan(fold, ctx)
+        if plan is None:
+            return False
+        key, columns, first = plan
+        if ctx.single:  # every token uses used[0]: keep its rows, zero the others
+            u.mul_(first)
+        else:
+            u.mul_(ctx.mask(key, columns, u.dtype))  # [N, R]: each token's own slots' rows, weighted
+        if fold.b_diag is not None and DIAG_B["enabled"] and _diag_wins(u.shape[0], fold.rows, self.spans, u.element_size()):
+            y.addmm_(u, fold.b_diag)  # [N, width] += [N, R] @ [R, width]
+        else:
+            r0 = 0
+            for module, (lo, hi_col), hi in zip(self.modules, self.spans, fold.rows):
+                if hi:
+                    y[:, lo:hi_col].addmm_(u[:, r0 : r0 + hi], module.blocks[0][1][:hi])  # [N, out_i] += [N, hi] @ [hi, out_i]
+                r0 += hi
+        self.uses += 1
+        return True
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -232,6 +232,13 @@ class LoraSlots:
         self.context = context
         self.store = TorchLayerStore(layers, dtype=dtype, device=device)
         self.table: SlotTable[Mapping[str, object]] = SlotTable(self.store)
+        #: called after every change, lock held (the lean forward re-folds its LoRA A rows)
+        self.on_change: list[Callable[[], None]] = []
+
+    def _changed(self) -> None:
+        self.context.version += 1  # stacks may have been replaced and put back: drop cached gathers
+        for hook in self.on_change:
+            hook()
 
     @property
     def lock(self):
@@ -261,18 +268,21 @@ class LoraSlots:
 
     def try_add_in_place(self, name: str, modules: Mapping[str, object]) -> bool:
         self._check_targets(name, modules)
-        added = self.table.try_add_in_place(name, modules)
-        if added:
-            self.context.version += 1
+        with self.table.lock:
+            added = self.table.try_add_in_place(name, modules)
+            if added:
+                self._changed()
         return added
 
     def add(self, name: str, modules: Mapping[str, object]) -> int:
         self._check_targets(name, modules)
-        try:
-            return self.table.add(name, modules)
-        finally:
-            self.context.version += 1  # stacks may have been replaced and put back: drop cached gathers
+        with self.table.lock:
+            try:
+                return self.table.add(name, modules)
+            finally:
+                self._changed()
 
     def remove(self, name: str) -> None:
-        if self.table.remove(name) is not None:
-            self.context.version += 1
+        with self.table.lock:
+            if self.table.remove(name) is not None:
+                self._changed()
