@@ -9,7 +9,10 @@ measured on the embedded base, one decode token took ~60 ms where its weights re
 - q/k/v and gate/up projections as ONE GEMM each over fused weights (prepacked by oneDNN for bf16
   on CPU); each wrapped projection then adds its LoRA delta into its column slice of the fused
   output (``MultiLoraLinear.add_lora``; in mixed steps a ``LoraGroup`` reads the group's A rows
-  in one GEMM), so every adapter feature (mixes, blocks, hot loads) works unchanged;
+  in one GEMM), so every adapter feature (mixes, blocks, hot loads) works unchanged; on the
+  prepacked path the resident adapters' A rows are folded into the same GEMM
+  (``lora.FoldedShrink``, refolded on a background thread after adapter changes) and steps past
+  the small-step size add LoRA from its extra columns;
 - RMSNorm as ``F.rms_norm`` in fp32 (bit-identical to transformers' LlamaRMSNorm on bf16);
 - rotary cos/sin looked up in a table built once with the model's own rotary module;
 - attention through ``KvCache.attend_flat`` (in-place KV, [N, heads, d] in and out);
