@@ -24,31 +24,23 @@ import argparse
 import json
 import statistics
 import time
-from dataclasses import dataclass
 
 import torch
+
+from loraplex.server.store.validation import LoraModuleWeights
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass(frozen=True)
-class _Weights:  # the shape of store.validation.LoraModuleWeights
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[0])
 
 
-def random_adapter(model, rank: int, seed: int) -> dict[str, _Weights]:
+def random_adapter(model, rank: int, seed: int) -> dict[str, LoraModuleWeights]:
     g = torch.Generator().manual_seed(seed)
     modules = {}
     for name, module in model.named_modules():
         name = name.removesuffix(".base_layer")  # the engine wraps each Linear
         if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS:
-            modules[name] = _Weights(
+            modules[name] = LoraModuleWeights(
                 torch.randn(rank, module.in_features, generator=g) * 0.02,
                 torch.randn(module.out_features, rank, generator=g) * 0.02,
                 2.0,

@@ -6,28 +6,18 @@ the fold is used only while it is current and covers the step's slots."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from loraplex.server.engine import lora
 from loraplex.server.engine.lora import FoldedShrink, LoraBatchContext, MultiLoraLinear, pack_weight, packed_linear
+from loraplex.server.store.validation import LoraModuleWeights as W  # A [r, in], B [out, r], scale
 
 IN, OUTS = 48, (40, 24, 24)  # three members sharing one input, like q/k/v
 
 pytestmark = pytest.mark.skipif(pack_weight(torch.zeros(2, 2, dtype=torch.bfloat16)) is None, reason="no oneDNN bf16 prepacking on this CPU build (the fold rides on it)")
 
 
-@dataclass(frozen=True)
-class W:  # the shape of store.validation.LoraModuleWeights
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[0])
 
 
 def _group(ranks=(4, 8, 16)):

@@ -5,26 +5,16 @@ output equals the reference computed here straight from the raw A/B tensors:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 
 from loraplex.server.engine import lora
 from loraplex.server.engine.lora import LoraBatchContext, MultiLoraLinear
+from loraplex.server.store.validation import LoraModuleWeights as W  # A [r, in], B [out, r], scale
 
 IN, OUT = 16, 12
 
 
-@dataclass(frozen=True)
-class W:  # the shape of store.validation.LoraModuleWeights
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return int(self.a.shape[0])
 
 
 def _setup(dtype=torch.float32, ranks=(2, 4, 3)):
