@@ -34,6 +34,7 @@ This module knows nothing of requests, tokens or files.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Sequence, Tuple, Union
 
@@ -633,8 +634,10 @@ class Fold:
 #: for 222-239 us against 241-259: not worth the memory
 FOLD_DIAG_MAX_BYTES = 512 << 10
 
-#: column layouts of folded rows, interned so layers sharing one share the step's mask
+#: column layouts of folded rows, interned so layers sharing one share the step's mask; ids
+#: never repeat, so clearing the table (past 256 layouts) can only lose sharing, never mix masks
 _LAYOUTS: dict[tuple[int, ...], tuple] = {}
+_LAYOUT_IDS = itertools.count()
 
 
 class FoldedShrink:
@@ -724,7 +727,11 @@ class FoldedShrink:
         plan = None
         if all(module.row_of[s][0] == 0 for module in self.modules for s in ctx.used if s in module.row_of):
             cols = tuple(index.get(s, len(ctx.used)) for owner in fold.owners for s in owner)
-            key = _LAYOUTS.setdefault(cols, ("fold", len(_LAYOUTS)))
+            if len(_LAYOUTS) > 256:
+                _LAYOUTS.clear()
+            key = _LAYOUTS.get(cols)
+            if key is None:
+                key = _LAYOUTS[cols] = ("fold", next(_LAYOUT_IDS))
             columns = torch.tensor(cols, dtype=torch.long, device=fold.packed.device)
             plan = (key, columns, (columns == 0).to(self.weight.dtype))  # the last: rows of used[0], for single steps
         if len(fold.plans) > 64:

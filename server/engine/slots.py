@@ -269,7 +269,11 @@ class LoraSlots:
     def try_add_in_place(self, name: str, modules: Mapping[str, object]) -> bool:
         self._check_targets(name, modules)
         with self.table.lock:
-            added = self.table.try_add_in_place(name, modules)
+            try:
+                added = self.table.try_add_in_place(name, modules)
+            except BaseException:
+                self._changed()  # a failed write was cleared: its rows changed too
+                raise
             if added:
                 self._changed()
         return added

@@ -152,8 +152,11 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget):
         ties += check_greedy_within(bf16, len(prompt), sink.tokens, tol=max(2 * noise, 1e-3))
         steps += 16
     assert steps - ties >= steps // 4  # not vacuous: many steps have a clear winner (the tiny random model's logits are flat)
+    from loraplex.server.engine.lora import pack_weight
+
     folded = sum(fused.shrink.uses for layer in engine.lean.layers for fused in layer.fused if fused.shrink is not None)
-    assert (folded > 0) == (budget > 16), folded
+    can_fold = pack_weight(torch.zeros(2, 2, dtype=torch.bfloat16)) is not None  # oneDNN bf16 prepacking on this CPU build
+    assert (folded > 0) == (budget > 16 and can_fold), folded
 
 
 def test_cancel_and_stop_tokens_free_rows(tiny_base, adapters, expected):

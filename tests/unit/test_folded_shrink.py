@@ -20,10 +20,10 @@ pytestmark = pytest.mark.skipif(pack_weight(torch.zeros(2, 2, dtype=torch.bfloat
 
 
 
-def _group(ranks=(4, 8, 16)):
+def _group(ranks=(4, 8, 16), bias=False):
     torch.manual_seed(3)
     ctx = LoraBatchContext()
-    bases = [torch.nn.Linear(IN, out, bias=False).to(torch.bfloat16) for out in OUTS]
+    bases = [torch.nn.Linear(IN, out, bias=bias).to(torch.bfloat16) for out in OUTS]
     members = [MultiLoraLinear(base, f"p{i}", ctx, dtype=torch.bfloat16) for i, base in enumerate(bases)]
     adapters: dict[int, list[W]] = {}
     for slot, rank in enumerate(ranks, start=1):
@@ -43,7 +43,7 @@ def _group(ranks=(4, 8, 16)):
 
 def _reference(x, bases, adapters, items, spans):
     """x [N, in] (its bf16 values, in fp32); per token an int slot or ((slot, weight), ...)."""
-    out = torch.cat([x.float() @ base.weight.detach().float().T for base in bases], dim=1)
+    out = torch.cat([x.float() @ base.weight.detach().float().T + (0 if base.bias is None else base.bias.detach().float()) for base in bases], dim=1)
     for i, item in enumerate(items):
         for slot, weight in ([(item, 1.0)] if isinstance(item, int) else item):
             for m, (lo, hi) in enumerate(spans):
@@ -82,6 +82,22 @@ def test_a_folded_step_equals_the_sum_from_the_raw_tensors(items, diag_b, monkey
     torch.testing.assert_close(y.float(), expect, atol=0.08, rtol=0.03)
     # not vacuous: the LoRA part is large against the tolerance
     assert float((expect - _reference(x, bases, {}, [0] * 32, spans)).abs().max()) > (1.0 if any(items) else -1)
+
+
+def test_a_fold_over_projections_with_biases_adds_each_bias_once():
+    """Qwen2's q/k/v carry biases: the folded GEMM's bias is the base bias, zero on the A rows."""
+    ctx, bases, members, adapters, weight, spans = _group(bias=True)
+    bias = torch.cat([base.bias.detach() for base in bases])
+    with torch.no_grad():
+        bias.normal_(0, 2.0)
+        for base, (lo, hi) in zip(bases, spans):
+            base.bias.copy_(bias[lo:hi])
+    shrink = FoldedShrink(weight, bias, members, spans)
+    shrink.refresh()
+    x = torch.randn(32, IN).to(torch.bfloat16)
+    handled, y = _step(shrink, ctx, x, MIXED)
+    assert handled
+    torch.testing.assert_close(y.float(), _reference(x, bases, adapters, MIXED, spans), atol=0.08, rtol=0.03)
 
 
 def test_a_fold_is_used_only_while_current_and_only_for_slots_it_covers():
