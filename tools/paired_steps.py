@@ -5,6 +5,7 @@ changes in this host's noise; this does not.
 
     .venv/bin/python tools/paired_steps.py --switch fold_a            # 8 adapters mixed
     .venv/bin/python tools/paired_steps.py --switch fold_a --base     # base rows, adapters resident
+    .venv/bin/python tools/paired_steps.py --switch small_fp32 --rows 16 --one   # 16 rows, one adapter
 
 Prints one JSON line: per-round ms per step for A and B, their medians and the median of the
 per-round ratios B/A (> 1: A is faster). Switches are engine_bench.py's ``--ab`` names.
@@ -28,6 +29,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--switch", required=True)
     p.add_argument("--base", action="store_true", help="rows without an adapter (the adapters stay resident)")
+    p.add_argument("--one", action="store_true", help="every row on the same adapter (the others stay resident)")
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--adapters", type=int, default=8)
     p.add_argument("--rounds", type=int, default=8)
@@ -38,7 +40,8 @@ def main() -> None:
     label_a, label_b, switch = eb._ab_switches(engine)[args.switch]
     driver = eb.Driver(engine)
     for i in range(args.rows):
-        request, _ = eb.request(f"r{i}", 32, None if args.base else names[i % len(names)], 1 << 20, seed=i)
+        adapter = None if args.base else names[0] if args.one else names[i % len(names)]
+        request, _ = eb.request(f"r{i}", 32, adapter, 1 << 20, seed=i)
         driver.submit(request)
     while len(engine.running) < args.rows or any(r.prefilling for r in engine.running):
         driver.step()
@@ -54,7 +57,7 @@ def main() -> None:
             times[on].append((time.perf_counter() - start) / args.steps * 1e3)
     a, b = times[True], times[False]
     print(json.dumps({
-        "switch": args.switch, "rows": "base" if args.base else f"{args.adapters} adapters mixed",
+        "switch": args.switch, "rows": args.rows, "adapters": "base" if args.base else "one" if args.one else f"{args.adapters} mixed",
         f"{label_a}_ms": [round(x, 1) for x in a], f"{label_b}_ms": [round(x, 1) for x in b],
         f"median_{label_a}_ms": round(statistics.median(a), 1), f"median_{label_b}_ms": round(statistics.median(b), 1),
         "paired_ratio_b_over_a": round(statistics.median([y / x for x, y in zip(a, b)]), 3),

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraplex.server.engine.int4 import Int4Weight, exact_int4
-from loraplex.server.engine.lora import PACKED_LINEARS, SMALL_M_FP32, Fold, FoldedShrink, LoraGroup, MultiLoraLinear, pack_weight, packed_linear
+from loraplex.server.engine import lora as lora_math
+from loraplex.server.engine.lora import PACKED_LINEARS, Fold, FoldedShrink, LoraGroup, MultiLoraLinear, pack_weight, packed_linear
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,15 @@ class _Fused:
 
     def add_lora(self, lora: "LoraGroup | MultiLoraLinear", x: torch.Tensor, out: torch.Tensor, fold: Fold | None) -> torch.Tensor:
         """The base output ``out`` [N, out(+R)] plus every member's LoRA, in place; returns the
-        [N, out] view. Through the fold's extra columns for steps past the small-step size when
-        the fold is current and covers the step, else through ``lora`` (which reads its rows
-        itself)."""
+        [N, out] view. Through the fold's extra columns when the fold is current and covers the
+        step (mixed steps of any size, one-adapter steps past the small-step size), else through
+        ``lora`` (which reads its rows itself)."""
         y = out[:, : self.out_features] if fold is not None else out
-        if fold is not None and x.shape[0] > SMALL_M_FP32 and self.shrink.add_lora(fold, out[:, self.out_features :], y, lora.context):
+        ctx = lora.context
+        # a lone adapter in a small step keeps its fp32 path (measured 7% faster at 16 rows); a
+        # mixed step of any size takes the fold (10% faster at 10 rows, 16% at 16; the fp32
+        # mixed path converts every block's rows on every call)
+        if fold is not None and (x.shape[0] > lora_math.SMALL_M_FP32 or not ctx.single) and self.shrink.add_lora(fold, out[:, self.out_features :], y, ctx):
             return y
         if isinstance(lora, LoraGroup):
             lora.add_lora(x, y, self.spans)

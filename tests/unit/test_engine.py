@@ -118,15 +118,19 @@ def test_many_new_prompts_are_prefilled_in_one_step(tiny_base, adapters, expecte
         assert sink.tokens == expected(ad, request.prompt_ids, 4)
 
 
-@pytest.mark.parametrize("budget", [9, 64], ids=["small-steps", "folded-shrink"])
-def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget):
+@pytest.mark.parametrize("budget, fold", [(9, False), (9, True), (64, True)], ids=["small-steps-unfolded", "small-steps-folded", "folded-shrink"])
+def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget, fold, monkeypatch):
     """Mixed prefill+decode steps at bf16 (counted, so the coverage cannot silently vanish).
     At bf16 the engine and peft round differently (fused LoRA, another summation order), so
     tokens are checked against peft's bf16 logits with a tolerance (see check_greedy_within).
     The tolerance is measured, not guessed: twice the largest gap between peft's own bf16 and
     fp32 logits on the same tokens (two bf16 computations each within that noise of the exact
-    value are within twice of each other). With a 64-token budget the prefill steps are past
-    the small-step size and add LoRA through the shrink folded into the base GEMMs (counted)."""
+    value are within twice of each other). Once with 9-token steps and the fold off (the
+    small-step LoRA paths, fp32 on bf16 rows), once with 64-token steps adding LoRA through the
+    shrink folded into the base GEMMs (counted)."""
+    from loraplex.server.engine import lora
+
+    monkeypatch.setitem(lora.FOLD_A, "enabled", fold)
     engine = _engine(tiny_base, adapters, dtype=torch.bfloat16, max_batch_size=8, max_num_batched_tokens=budget)
     assert engine.lean.settle()  # the A rows folded (on a background thread) before the first step
     plan = [(PROMPTS[0], "a"), (PROMPTS[2], "b"), (LONG, "c"), (PROMPTS[1], None), (PROMPTS[4], "a")]
@@ -156,7 +160,7 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget):
 
     folded = sum(fused.shrink.uses for layer in engine.lean.layers for fused in layer.fused if fused.shrink is not None)
     can_fold = pack_weight(torch.zeros(2, 2, dtype=torch.bfloat16)) is not None  # oneDNN bf16 prepacking on this CPU build
-    assert (folded > 0) == (budget > 16 and can_fold), folded
+    assert (folded > 0) == (fold and can_fold), folded
 
 
 def test_cancel_and_stop_tokens_free_rows(tiny_base, adapters, expected):
