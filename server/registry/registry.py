@@ -31,6 +31,7 @@ HTTP, gRPC or tokenization.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter
@@ -490,7 +491,10 @@ class AdapterRegistry:
             except Exception:  # noqa: BLE001 - the original error is the one to report
                 log.exception("removing the failed install of %s from the engine failed", engine_name)
             raise
-        copy = EngineCopy(engine_name, validated)
+        # keep what describes the copy, not its tensors: the engine holds the weights now (the
+        # validated fp32 tensors were ~1x the adapter file of RSS per resident adapter)
+        summary = dataclasses.replace(validated, modules={}, summary_rank=validated.max_rank, summary_modules=validated.module_names)
+        copy = EngineCopy(engine_name, summary)
         entry.copy = copy
         return copy
 

@@ -172,6 +172,23 @@ def test_load_seconds_are_observed_for_on_demand_loads(make_runtime):
     assert runtime.metrics.registry.get_sample_value("loraplex_adapter_evictions_total") == 1
 
 
+def test_a_resident_adapter_keeps_no_second_copy_of_its_tensors_in_the_registry(make_runtime):
+    """The engine holds the weights; the registry keeps what describes them (rank, targets,
+    digest), not the validated fp32 tensors (they were ~1x the file of RSS per adapter)."""
+    runtime = make_runtime()
+
+    async def run():
+        await runtime.registry.release(await runtime.registry.acquire("a"))
+
+    asyncio.run(run())
+    entry = runtime.registry.entries["a"]
+    assert entry.state == AdapterState.RESIDENT
+    assert entry.copy.adapter.modules == {}
+    info = entry.describe()
+    assert info["rank"] == 4
+    assert info["target_modules"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
 def _republish_in_place(folder, source):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         (folder / name).write_bytes((source / name).read_bytes())
