@@ -315,6 +315,18 @@ def _ab_switches(engine) -> dict:
             with engine.slot_table.lock:
                 lean.refresh_lora()
 
+    fold_diag = lora.FOLD_DIAG_MAX_BYTES
+
+    def use_fold_diag(on: bool) -> None:  # gate/up's block-diagonal B copy in the fold too (768 KiB per layer at 8 rank-8 adapters)
+        lora.FOLD_DIAG_MAX_BYTES = (2 << 20) if on else fold_diag
+        if lean is not None:
+            with engine.slot_table.lock:
+                for layer in lean.layers:
+                    for fused in layer.fused:
+                        if fused.shrink is not None:
+                            fused.shrink.fold = None  # rebuilt below with the new cap
+                lean.refresh_lora()
+
     return {
         "lean": ("lean", "transformers", use_lean),
         "int4": ("int4", "bf16_gemm", use_int4),
@@ -325,6 +337,7 @@ def _ab_switches(engine) -> dict:
         "argmax": ("chunked_argmax", "torch_argmax", lambda on: sampling.CHUNKED_ARGMAX.__setitem__("enabled", on)),
         "gqa_fold": ("gqa_folded", "enable_gqa", lambda on: kvcache.FOLD_GQA.__setitem__("enabled", on)),
         "fold_a": ("folded_shrink", "separate_shrink", use_fold),
+        "fold_diag": ("gate_up_diag", "gate_up_per_member", use_fold_diag),
     }
 
 
@@ -344,7 +357,7 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "
                    "with the same adapters, and alternate the two engines phase by phase in this process")
