@@ -32,8 +32,6 @@ from loraplex.server.store.validation import LoraModuleWeights
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-
-
 def random_adapter(model, rank: int, seed: int) -> dict[str, LoraModuleWeights]:
     g = torch.Generator().manual_seed(seed)
     modules = {}
@@ -83,6 +81,13 @@ def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_mod
     return model, engine
 
 
+def _settle(engine) -> None:
+    """Wait for the engine's background LoRA refold (engines without one: nothing to wait for)."""
+    lean = getattr(engine, "lean", None)
+    if lean is not None and hasattr(lean, "settle"):
+        lean.settle()
+
+
 def install(engine, model, n: int, rank: int, memory: dict | None = None) -> list[str]:
     """Install ``n`` random adapters; ``memory`` gets the RSS after the first and after all
     (the growth per adapter excludes first-use allocations) and the adapter file size."""
@@ -106,14 +111,10 @@ def install(engine, model, n: int, rank: int, memory: dict | None = None) -> lis
         names.append(name)
         del modules
         if memory is not None and i in (0, n - 1):
-            lean = getattr(engine, "lean", None)
-            if lean is not None and hasattr(lean, "settle"):
-                lean.settle()  # steady state: the background refold done, its transient copies freed
+            _settle(engine)  # steady state: the background refold done, its transient copies freed
             gc.collect()
             memory[f"rss_after_{i + 1}_mib"] = round(_rss_mib(), 1)
-    lean = getattr(engine, "lean", None)
-    if lean is not None and hasattr(lean, "settle"):
-        lean.settle()  # the LoRA A rows folded into the base GEMMs (a background refold)
+    _settle(engine)  # the LoRA A rows folded into the base GEMMs (a background refold)
     if memory is not None and n > 1:
         # loraplex bench's figure: from 1 to n adapters (LoRA rows come in blocks of several
         # adapters, so this can read ~0 while the first block covers all n) ...

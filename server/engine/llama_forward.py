@@ -11,8 +11,8 @@ measured on the embedded base, one decode token took ~60 ms where its weights re
   output (``MultiLoraLinear.add_lora``; in mixed steps a ``LoraGroup`` reads the group's A rows
   in one GEMM), so every adapter feature (mixes, blocks, hot loads) works unchanged; on the
   prepacked path the resident adapters' A rows are folded into the same GEMM
-  (``lora.FoldedShrink``, refolded on a background thread after adapter changes) and steps past
-  the small-step size add LoRA from its extra columns;
+  (``lora.FoldedShrink``, refolded on a background thread after adapter changes) and mixed
+  steps (and one-adapter steps past the small-step size) add LoRA from its extra columns;
 - RMSNorm as ``F.rms_norm`` in fp32 (bit-identical to transformers' LlamaRMSNorm on bf16);
 - rotary cos/sin looked up in a table built once with the model's own rotary module;
 - attention through ``KvCache.attend_flat`` (in-place KV, [N, heads, d] in and out);
@@ -29,6 +29,7 @@ This module knows nothing of requests, adapters' names or files; it reads the en
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -252,12 +253,14 @@ class LlamaStepForward:
         cos, sin = inner.rotary_emb(probe, positions)
         self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
 
-    def refresh_lora(self) -> None:
+    def refresh_lora(self, lock=None) -> None:
         """Re-fold the LoRA A rows of every projection whose members changed into its base GEMM
-        (lora.FoldedShrink), now; the caller holds the slot table's lock."""
+        (lora.FoldedShrink), now. Either the caller holds the slot table's lock, or ``lock`` is
+        that lock and is taken per projection (an install or unload waits a few ms at most)."""
         for layer in self.layers:
             for fused in layer.fused:
-                fused.refresh_lora()
+                with lock if lock is not None else contextlib.nullcontext():
+                    fused.refresh_lora()
         _return_freed_memory()  # the replaced prepacked weights
 
     def schedule_refresh(self, lock) -> None:
@@ -281,11 +284,7 @@ class LlamaStepForward:
                     return
                 self._refresh_wanted = False
             try:
-                for layer in self.layers:
-                    for fused in layer.fused:
-                        with lock:  # one projection at a time: an install or unload waits a few ms at most
-                            fused.refresh_lora()
-                _return_freed_memory()
+                self.refresh_lora(lock)
             except Exception:  # e.g. out of memory while repacking: the plain LoRA path keeps serving
                 log.exception("folding the LoRA A rows into the base GEMMs failed; LoRA runs unfolded")
 

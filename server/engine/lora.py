@@ -647,7 +647,7 @@ class FoldedShrink:
     [576, 64]`` 100-120 us with cold caches), so a separate shrink GEMM per projection was a third
     of a mixed step's LoRA time. Instead the resident adapters' A rows (each member's first block,
     rows ``[0, hi)``: every slot there, used this step or not) are appended to the base weight and
-    prepacked once per adapter change (``refresh``, on the thread that changed the slots). Every
+    prepacked once per adapter change (``refresh``, on a background thread). Every
     GEMM then returns ``[N, width + R]``: the base output and each token's products with all those
     A rows, for a few percent more multiply-adds and no extra call. ``add_lora`` masks the extra
     columns to each token's own slots (or mix weights) and adds ``(u * mask) @ B`` into the base
