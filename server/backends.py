@@ -127,10 +127,11 @@ def _torch_backend(settings: ServerSettings) -> Backend:
         device=device,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         int4_decode_rows=settings.int4_decode_rows,
+        compile_decode=settings.compile_decode,
     )
 
     dtype = str(getattr(engine, "dtype", "")).replace("torch.", "")
-    forward = engine.forward_path + (f" (int4 decode GEMMs {engine.lean.int4_reason})" if engine.lean is not None else "")
+    forward = engine.forward_path + (f" (int4 decode GEMMs {engine.lean.int4_reason}; compiled one-row decode {engine.lean.compile_reason})" if engine.lean is not None else "")
     return Backend(ref, tokenizer, engine, shapes, f"torch {dtype}, quantization {quantize} on {device}, {forward} forward", torch_payload)
 
 

@@ -6,9 +6,11 @@ adapters into a temp store so any machine can run it). Everything is measured in
 ratios compare like with like on a noisy machine, with a progress bar per phase (rich, stderr):
 
 0. ``ceilings`` (``bench_ceilings.py``): this machine's bf16 and fp32 GEMM GFLOP/s and memory read
-   GB/s, measured before the server starts; every phase's tok/s is reported as a fraction of the
-   compute ceiling (tok/s x GFLOP/token) and the single stream also of the weight-bandwidth
-   ceiling (bytes of matmul weights at the served dtype read once per token);
+   GB/s, measured before the server starts and again after it stops (``ceilings_start``,
+   ``ceilings_end``); every phase's tok/s is reported as a fraction of the higher of the two
+   (``ceilings``: the host's speed drifts within a run) of the compute ceiling (tok/s x
+   GFLOP/token) and, for the single stream, also of the weight-bandwidth ceiling (bytes of matmul
+   weights at the served dtype read once per token);
 1. ``mixed``: C concurrent streaming clients (default 64), requests spread over the adapters
    (uniform or skewed); 2. ``base``: the same load on the bare base (mixed and base alternate
    ``--repeats`` times and are summed); 3. ``single``: one stream (decode tok/s from the
@@ -275,7 +277,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-stream-requests", type=int, default=3, help="requests of the single-stream phase (0 = skip)")
     parser.add_argument("--served-dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32", "int8", "int4"],
                         help="the dtype the server computes in, for the ceilings (auto: loraplex's own choice on this CPU)")
-    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=True, help="measure GEMM/memory ceilings first (default yes)")
+    parser.add_argument("--ceilings", action=argparse.BooleanOptionalAction, default=True, help="measure GEMM/memory ceilings before and after the phases (default yes)")
     parser.add_argument("--peer-llama-server", help="also run llama.cpp's llama-server binary (same base as GGUF, adapters converted) side by side")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=64)
@@ -451,7 +453,7 @@ class _Progress:
 def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir: Path) -> int:
     import httpx
 
-    from loraplex.server.bench_ceilings import fractions, measure_ceilings, model_cost
+    from loraplex.server.bench_ceilings import fractions, higher_ceilings, measure_ceilings, model_cost
 
     selected = set(getattr(args, "phases", DEFAULT_PHASES))
     hot = adapters[len(adapters) - args.hotload :] if args.hotload and not args.adapters_dir and "hotload" in selected else []
@@ -467,10 +469,10 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
     during = outside = []
     peer: dict | None = None
     with _Progress() as progress:
-        ceilings = None
+        ceilings = ceilings_start = ceilings_end = None
         if args.ceilings:  # before any server runs: the machine as idle as it gets
             progress.note("measuring this machine's GEMM and memory ceilings ...")
-            ceilings = measure_ceilings()
+            ceilings = ceilings_start = measure_ceilings()
             progress.note(f"ceilings: {ceilings}")
         if url is None:
             progress.note("starting the server ...")
@@ -550,6 +552,10 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
+        if ceilings_start is not None:  # again, the server gone: fractions use the higher of the two
+            ceilings_end = measure_ceilings()
+            ceilings = higher_ceilings(ceilings_start, ceilings_end)
+            progress.note(f"ceilings at the end: {ceilings_end}")
         if args.peer_llama_server:
             peer = _run_peer(args, ref, store, serving, work, common, progress)
         if naive and args.naive_requests:
@@ -560,7 +566,9 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
         "base": {"id": ref.id, "fingerprint": ref.fingerprint},
         "adapters": {"serving": len(serving), "hotloaded": len(hot), "rank": args.rank if not args.adapters_dir else None},
         "served_dtype": dtype,
-        "ceilings": ceilings,
+        "ceilings": ceilings,  # the higher of start and end, per figure: what the fractions divide by
+        "ceilings_start": ceilings_start,
+        "ceilings_end": ceilings_end,
         "phases": {name: p.summary() for name, p in phases.items()},
         "ratios": {
             "mixed_over_base": _ratio(phases, "mixed", "base", 3),

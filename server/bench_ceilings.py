@@ -35,6 +35,18 @@ def measure_ceilings(seconds: float = 0.6, size: int = 1024, read_mib: int = 256
     return out
 
 
+def higher_ceilings(start: dict, end: dict | None) -> dict:
+    """Per figure, the higher of the ceilings measured at the start and at the end of a run.
+
+    This shared VM's speed drifts within one run (bf16 GEMM ceilings from 466 to 871 GFLOP/s
+    between runs, and single streams 1.5x apart within one process, docs/benchmarks.md), so a
+    fraction against a ceiling measured in a slow window would flatter a phase that ran in a fast
+    one. The higher of the two is the conservative denominator."""
+    if not end:
+        return dict(start)
+    return {key: max(value, end.get(key, value)) if isinstance(value, (int, float)) and key != "threads" else value for key, value in start.items()}
+
+
 def model_cost(config_path) -> dict:
     """GFLOP per token (2 x the matmul weights: attention, MLP, lm_head) and those weights'
     parameter count, from a Hugging Face config.json (Llama-style)."""

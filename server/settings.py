@@ -45,6 +45,10 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="torch backend on CPU at bf16, when the base's weights are exactly int4 (the embedded Q4_1 base): steps of at most this many rows use int4 weight-only GEMMs; 0 = never",
     )
+    compile_decode: bool = Field(
+        False,
+        description="torch backend with int4 decode GEMMs: compile the one-row decode step with torch.compile for single streams (needs g++; the first use of each adapter rank compiles in the background for minutes, cached on disk; docs/benchmarks.md)",
+    )
     max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
     max_mix_adapters: int = Field(4, ge=1, description="adapters one weighted mix may combine (the adapters field or model 'a:0.7+b:0.3'; docs/mixes.md)")

@@ -9,7 +9,9 @@ Adapters are random rank-r LoRA weights on every projection of every layer (what
 adapter costs); prompts are random token ids; generation is greedy with EOS ignored, so every
 request produces exactly its ``max_tokens``. Prints one JSON line per phase, with the fraction of
 this machine's ceilings measured at the start of the run (server/bench_ceilings.py: GEMM GFLOP/s
-at the dtype, memory read GB/s), and a ``memory`` line: RSS growth per resident adapter against
+at the dtype, memory read GB/s), then, the ceilings measured again at the end, each phase's
+fractions against the higher of the two (``"against": "higher ceilings"``: the conservative
+figures, as ``loraplex bench`` reports them), and a ``memory`` line: RSS growth per resident adapter against
 the adapter's peft file size (fp32 safetensors).
 
     .venv/bin/python tools/engine_bench.py --dtype bfloat16 --profile single     # torch.profiler table
@@ -59,7 +61,7 @@ def adapter_file_mib(modules: dict) -> float:
     return sum((w.a.numel() + w.b.numel()) * 4 for w in modules.values()) / 2**20
 
 
-def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_module: str = "loraplex.server.engine.engine", int4_rows: int | None = None):
+def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_module: str = "loraplex.server.engine.engine", int4_rows: int | None = None, compile_decode: bool = False):
     import importlib
 
     from loraplex.server.basemodel import load_base_model, resolve_base
@@ -77,6 +79,8 @@ def build_engine(dtype: str, max_batch_size: int, budget: int | None, engine_mod
         kwargs["max_num_batched_tokens"] = budget
     if int4_rows is not None:
         kwargs["int4_decode_rows"] = int4_rows
+    if compile_decode:
+        kwargs["compile_decode"] = True
     engine = engine_mod.Engine(model, eos_token_ids=[2], **kwargs)
     return model, engine
 
@@ -291,6 +295,23 @@ def profile_phase(phase: str, engine, names, args) -> None:
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=70))
 
 
+def compile_one_row(engine, names, args) -> None:
+    """Queue the compiled one-row step for a stream with an adapter and one on the base, and
+    wait for the background compile (from the on-disk cache when it holds them)."""
+    step = getattr(engine.lean, "one_row", None)
+    if step is None:
+        raise SystemExit(f"--compile-decode: the engine has no compiled one-row step ({getattr(engine.lean, 'compile_reason', 'no lean forward')})")
+    started = time.perf_counter()
+    for adapter in (names[0], None):
+        req, _ = request(f"c-{adapter}", args.prompt_len, adapter, 3, seed=3)
+        driver = Driver(engine)
+        driver.submit(req)
+        while driver.busy():
+            driver.step()
+    step.settle()
+    print(json.dumps({"compiled_one_row_signatures": step.ready, "compile_s": round(time.perf_counter() - started, 1)}), flush=True)
+
+
 #: --ab switches: name -> (label of A, label of B, a function that sets the switch)
 def _ab_switches(engine) -> dict:
     from loraplex.server.engine import kvcache, lora, sampling
@@ -309,6 +330,11 @@ def _ab_switches(engine) -> dict:
         for layer in lean.layers if lean is not None else ():
             for fused in layer.fused:
                 fused.int4_rows = rows if on else 0
+
+    one_row = getattr(lean, "one_row", None)
+
+    def use_compiled_decode(on: bool) -> None:  # the compiled one-row decode step (needs --compile-decode)
+        lean.one_row = one_row if on else None
 
     def use_fold(on: bool) -> None:
         lora.FOLD_A["enabled"] = on
@@ -338,6 +364,7 @@ def _ab_switches(engine) -> dict:
         "argmax": ("chunked_argmax", "torch_argmax", lambda on: sampling.CHUNKED_ARGMAX.__setitem__("enabled", on)),
         "gqa_fold": ("gqa_folded", "enable_gqa", lambda on: kvcache.FOLD_GQA.__setitem__("enabled", on)),
         "fold_a": ("folded_shrink", "separate_shrink", use_fold),
+        "compile_decode": ("compiled_one_row", "eager_one_row", use_compiled_decode),
         "fold_diag": ("gate_up_diag", "gate_up_per_member", use_fold_diag),
     }
 
@@ -358,7 +385,8 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag, compile_decode)")
+    p.add_argument("--compile-decode", action="store_true", help="the engine's compiled one-row decode step (compiled before the phases: minutes on 2 cores, cached on disk)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "
                    "with the same adapters, and alternate the two engines phase by phase in this process")
@@ -371,10 +399,12 @@ def main() -> None:
 
         ceilings = measure_ceilings()
         print(json.dumps({"ceilings": ceilings}), flush=True)
-    model, engine = build_engine(args.dtype, max(args.concurrency, 64), args.budget, args.engine_module, args.int4_rows)
+    model, engine = build_engine(args.dtype, max(args.concurrency, 64), args.budget, args.engine_module, args.int4_rows, args.compile_decode)
     memory: dict = {}
     names = install(engine, model, args.adapters, args.rank, memory)
     print(json.dumps({"memory": memory, "dtype": args.dtype}), flush=True)
+    if args.compile_decode:
+        compile_one_row(engine, names, args)
     phase_mixed(engine, names, 4, args.prompt_len, 4)  # warm-up
     if args.profile:
         profile_phase(args.profile, engine, names, args)
@@ -391,14 +421,26 @@ def main() -> None:
         other_names = install(other, other_model, args.adapters, args.rank)
         phase_mixed(other, other_names, 4, args.prompt_len, 4)  # warm-up
         variants = [(label or "this", apply, e, n, d) for label, apply, e, n, d in variants] + [(module, None, other, other_names, other_dtype)]
+    results: list[tuple[str, str, dict]] = []
     for _ in range(args.repeat):
         for phase in phases:
             for label, apply, which, which_names, dtype in variants:
                 if apply is not None:
                     apply()
-                result = with_fractions(phase, run_phase(phase, which, which_names, args), args, ceilings if dtype == args.dtype else None)
+                raw = run_phase(phase, which, which_names, args)
+                result = with_fractions(phase, raw, args, ceilings if dtype == args.dtype else None)
+                if dtype == args.dtype:
+                    results.append((phase, label, raw))
                 extra = {"variant": label} if label else {}
                 print(json.dumps({"phase": phase, "dtype": dtype, "threads": torch.get_num_threads(), **extra, **result}), flush=True)
+    if ceilings:  # measured again at the end: the fractions against the higher of the two (the host drifts within a run)
+        from loraplex.server.bench_ceilings import higher_ceilings, measure_ceilings
+
+        higher = higher_ceilings(ceilings, measure_ceilings())
+        print(json.dumps({"ceilings_end_higher": higher}), flush=True)
+        for phase, label, raw in results:
+            fractions = {k: v for k, v in with_fractions(phase, raw, args, higher).items() if k.startswith("of_")}
+            print(json.dumps({"phase": phase, **({"variant": label} if label else {}), "tok_s": raw.get("tok_s"), "against": "higher ceilings", **fractions}), flush=True)
 
 
 def run_on_a_worker_thread() -> None:

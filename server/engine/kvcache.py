@@ -128,7 +128,9 @@ class KvCache:
             raise ValueError(f"sequence of {length} tokens exceeds max_model_len {self.max_len}")
         rows, cap = self.rows_cap, self.len_cap
         while rows <= slot:
-            rows = min(self.max_rows, max(4, rows * 2))
+            # at least 2 rows even when max_rows is 1: the compiled one-row step (compiled_decode.py)
+            # takes the row count as a dynamic size, and torch.compile specializes sizes of 1
+            rows = min(max(self.max_rows, 2), max(4, rows * 2))
         while cap < length:
             cap = min(self.max_len, max(self.initial_len, cap * 2))
         if (rows, cap) != (self.rows_cap, self.len_cap):

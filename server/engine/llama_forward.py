@@ -16,7 +16,10 @@ measured on the embedded base, one decode token took ~60 ms where its weights re
 - RMSNorm as ``F.rms_norm`` in fp32 (bit-identical to transformers' LlamaRMSNorm on bf16);
 - rotary cos/sin looked up in a table built once with the model's own rotary module;
 - attention through ``KvCache.attend_flat`` (in-place KV, [N, heads, d] in and out);
-- the lm_head only at the positions the step keeps.
+- the lm_head only at the positions the step keeps;
+- with ``compile_decode``, a step of exactly one decoding row on the int4 path runs as one
+  ``torch.compile``d function of the whole step (compiled_decode.py), once its background
+  compile is ready; until then, and for every other step, the code below.
 
 Eligible models (``why_not_supported``): the architectures whose decoder layer is exactly
 Llama's (``LLAMA_LIKE``: Llama, Mistral without a sliding window, Qwen2 with its q/k/v biases),
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.server.engine.compiled_decode import OneRowStep, why_not_available
 from loraplex.server.engine.int4 import Int4Weight, exact_int4
 from loraplex.server.engine import lora as lora_math
 from loraplex.server.engine.lora import PACKED_LINEARS, Fold, FoldedShrink, LoraGroup, MultiLoraLinear, pack_weight, packed_linear
@@ -203,7 +207,7 @@ class LlamaStepForward:
     """``forward(ids [N], positions [N], plan, keep [K]) -> logits [K, vocab]`` for a wrapped
     Llama-family model (see the module docstring)."""
 
-    def __init__(self, model, *, max_len: int, dtype: torch.dtype, device, int4_rows: int = 0) -> None:
+    def __init__(self, model, *, max_len: int, dtype: torch.dtype, device, int4_rows: int = 0, compile_decode: bool = False) -> None:
         reason = why_not_supported(model, dtype)
         if reason is not None:
             raise ValueError(f"the lean Llama forward cannot run this model: {reason}")
@@ -246,6 +250,9 @@ class LlamaStepForward:
         self._refresher: threading.Thread | None = None
         self.int4_rows = 0
         self.int4_reason = self._use_int4(int4_rows, dtype, torch.device(device))
+        self.one_row: OneRowStep | None = None
+        self._one_row_inputs: tuple | None = None  # (key, per-layer inputs, signature), see _one_row_step
+        self.compile_reason = self._use_compiled_decode(compile_decode)
         _return_freed_memory()  # the replaced per-projection weights and the int4 check's temporaries
         # rotary cos/sin of every position, from the model's own rotary module: [max_len, d]
         positions = torch.arange(max_len, device=device)[None]
@@ -311,6 +318,77 @@ class LlamaStepForward:
         self.int4_rows = rows
         return f"on for steps of at most {rows} rows"
 
+    def _use_compiled_decode(self, wanted: bool) -> str:
+        """The compiled one-row decode step (compiled_decode.py) where asked and possible."""
+        if not wanted:
+            return "off"
+        if not self.int4_rows:
+            return "off (it runs on the int4 decode GEMMs, which are off)"
+        reason = why_not_available()
+        if reason is not None:
+            return f"off ({reason})"
+        spans = self.layers[0].gate_up.spans
+        self.one_row = OneRowStep(hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim, eps=self.eps, scale=self.scale, gate_up_spans=spans)
+        return "on for steps of one decoding row (compiled in the background on first use)"
+
+    def _adapter_rows(self, layer: _Layer, ctx) -> tuple:
+        """Per projection group of ``layer``: the fp32 rows ``(A, B)`` of this step's one adapter
+        (the eager small-step path's copies), or ``(None, None)``."""
+        if not ctx.used:
+            return ((None, None),) * 4
+        found = (
+            layer.qkv_lora.single_rows_f32(ctx, layer.qkv.spans),
+            layer.o_lora.single_rows_f32(ctx),
+            layer.gate_up_lora.single_rows_f32(ctx, layer.gate_up.spans),
+            layer.down_lora.single_rows_f32(ctx),
+        )
+        return tuple(rows if rows is not None else (None, None) for rows in found)
+
+    def _one_row_step(self, ids: torch.Tensor, positions: torch.Tensor, plan, keep: torch.Tensor) -> torch.Tensor | None:
+        """One decoding row through the compiled step; None where it does not apply or is not
+        compiled yet (the caller steps eagerly)."""
+        step = self.one_row
+        ctx = self.layers[0].o_lora.context
+        if (ctx.used and not ctx.single) or lora_math.SMALL_M_FP32 < 1 or not lora_math.GROUPED_LORA["enabled"]:
+            return None  # mixes, or the A/B switches away from the small-step path it copies
+        if any(f.int4 is None or f.int4_rows < 1 for layer in self.layers for f in layer.fused):
+            return None
+        cache = plan.cache
+        keys, values = cache.keys, cache.values
+        cache_key = (ctx.used, ctx.version, keys[0].is_inference())
+        cached = self._one_row_inputs
+        if cached is not None and cached[0] == cache_key:
+            layers, signature = cached[1], cached[2]
+        else:  # rebuilt when the adapters change (ctx.version bumps)
+            layers = []
+            for layer in self.layers:
+                (qa, qb), (oa, ob), (ga, gb), (da, db) = self._adapter_rows(layer, ctx)
+                qkv, o, gate_up, down = layer.fused
+                layers.append((layer.in_norm, qkv.int4.packed, qkv.int4.scales_zeros, qkv.bias, qa, qb,
+                               o.int4.packed, o.int4.scales_zeros, o.bias, oa, ob, layer.post_norm,
+                               gate_up.int4.packed, gate_up.int4.scales_zeros, gate_up.bias, ga, gb,
+                               down.int4.packed, down.int4.scales_zeros, down.bias, da, db))
+            signature = (step.signature(layers), keys[0].is_inference())
+            self._one_row_inputs = (cache_key, layers, signature)
+        fn = step.compiled(signature)
+        h = self.embed(ids)  # [1, H]
+        if fn is None:
+            step.request(signature, layers, h, keys[0])
+            return None
+        cos = self.cos.index_select(0, positions)[:, None]  # [1, 1, d]
+        sin = self.sin.index_select(0, positions)[:, None]
+        with step.engine_calls() as ok:
+            if not ok:
+                return None
+            try:
+                h = fn(h, cos, sin, plan.token_slots, positions, keys, values, layers)
+            except Exception:  # an input unlike the warm-up's (the stance refuses to recompile here)
+                log.warning("the compiled one-row decode step refused its inputs; this signature runs eagerly", exc_info=True)
+                step.mark_broken(signature)
+                return None  # the eager step rewrites the same K/V positions
+        h = h.index_select(0, keep)  # [K, H]
+        return self.lm_head(self._rms(h, self.norm))  # [K, vocab]
+
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # transformers' LlamaRMSNorm: normalize in fp32, cast back, then scale at the model's dtype
         return weight * F.rms_norm(x.float(), (self.hidden,), None, self.eps).to(x.dtype)
@@ -324,6 +402,10 @@ class LlamaStepForward:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, plan, keep: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]
+        if self.one_row is not None and n == 1 and plan.num_decode == 1 and not plan.chunks:
+            logits = self._one_row_step(ids, positions, plan, keep)
+            if logits is not None:
+                return logits
         h = self.embed(ids)  # [N, H]
         cos = self.cos.index_select(0, positions)[:, None]  # [N, 1, d]
         sin = self.sin.index_select(0, positions)[:, None]

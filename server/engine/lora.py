@@ -379,6 +379,24 @@ class MultiLoraLinear(nn.Module):
         self.add_lora(x2, y2)
         return y + y2.to(y.dtype).view(y.shape)
 
+    def single_rows_f32(self, ctx: LoraBatchContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rows of the one adapter streaming alone (``ctx.single``) in fp32, ``(A [r, in],
+        B [r, out])``, or None when this projection has none for it. The copy is kept while the
+        same slot streams alone (one slot per layer: at most the adapter's own fp32 file size,
+        freed on the next mix). A is kept [r, in] and applied as F.linear (x @ A^T): for
+        [1, in] @ [in, r] with A^T stored contiguous, MKL measured 30-38 us on a thread other than
+        the first to call it (the engine's thread, in the server) against 4-6 us for this layout."""
+        found = self.row_of.get(ctx.used[0])
+        if found is None:
+            return None
+        key = (ctx.used[0], self._rows_version)
+        cached = self._single_f32
+        if cached is None or cached[0] != key:
+            block, start, rank = found
+            rows_a, rows_b = self.blocks[block]
+            cached = self._single_f32 = (key, rows_a[start : start + rank].float().contiguous(), rows_b[start : start + rank].float())
+        return cached[1], cached[2]
+
     def add_lora(self, x2: torch.Tensor, y2: torch.Tensor) -> None:
         """``y2 += LoRA(x2)`` for this step's tokens, in place: x2 [N, in], y2 [N, out] at the
         LoRA dtype (may be a column slice of a fused projection's output)."""
@@ -396,17 +414,9 @@ class MultiLoraLinear(nn.Module):
             a, b = rows_a[start : start + rank], rows_b[start : start + rank]  # [r, in], [r, out]
             if small:
                 # a few tokens (decode of one or a few streams): the bf16 GEMM's fixed cost (~35 us a
-                # call here) dwarfs the work; fp32 is ~4x cheaper, and no less exact. The fp32
-                # copy of this one slot's rows is kept while the same slot streams alone (one
-                # slot per layer: at most the adapter's own fp32 file size, freed on the next mix).
-                # A is kept [r, in] and applied as F.linear (x @ A^T): for [1, in] @ [in, r] with A^T
-                # stored contiguous, MKL measured 30-38 us on a thread other than the first to call
-                # it (the engine's thread, in the server) against 4-6 us for this layout anywhere
-                key = (ctx.used[0], self._rows_version)
-                cached = self._single_f32
-                if cached is None or cached[0] != key:
-                    cached = self._single_f32 = (key, a.float().contiguous(), b.float())  # [r, in], [r, out]
-                y2.add_(F.linear(x2.float(), cached[1]) @ cached[2])  # [N, out] += ([N, in] @ [r, in]^T) @ [r, out], fp32
+                # call here) dwarfs the work; fp32 is ~4x cheaper, and no less exact
+                a32, b32 = self.single_rows_f32(ctx)
+                y2.add_(F.linear(x2.float(), a32) @ b32)  # [N, out] += ([N, in] @ [r, in]^T) @ [r, out], fp32
             else:
                 y2.addmm_(x2 @ a.T, b)  # [N, out] += [N, r] @ [r, out]
             return
@@ -497,6 +507,16 @@ class LoraGroup:
         self._single = (key, torch.cat(parts), torch.cat(rows))  # [R, in], [R, width]
         return self._single
 
+    def single_rows_f32(self, ctx: LoraBatchContext, spans: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(A_cat [R, in], B_diag [R, sum(out)])`` fp32 of the one adapter streaming alone (see
+        ``_single_f32``), or None when no member has rows for it (then nothing is added: each
+        member's own path finds none either). Drops the mixed-step copies while it streams."""
+        single = self._single_f32(ctx, spans)
+        if single is None:
+            return None
+        self._cache = self._diag = None  # the mixed-step copies: not needed while one slot streams alone
+        return single[1], single[2]
+
     def _members(self, ctx: LoraBatchContext) -> tuple | None:
         key = (ctx.used, tuple(m._rows_version for m in self.modules))
         cached = self._cache
@@ -564,10 +584,9 @@ class LoraGroup:
         first = self.modules[0]
         small = x2.shape[0] <= SMALL_M_FP32 and first.dtype == torch.bfloat16 and x2.device.type == "cpu"
         if ctx.single and small and GROUPED_LORA["enabled"]:
-            single = self._single_f32(ctx, spans)
+            single = self.single_rows_f32(ctx, spans)
             if single is not None:  # y += (x @ A_cat^T) @ B_diag: 4 ops for the whole group, in fp32
-                self._cache = self._diag = None  # the mixed-step copies: not needed while one slot streams alone
-                y2.add_(F.linear(x2.float(), single[1]) @ single[2])  # [N, sum(out)] += ([N, in] @ A_cat^T) @ [R, sum(out)]
+                y2.add_(F.linear(x2.float(), single[0]) @ single[1])  # [N, sum(out)] += ([N, in] @ A_cat^T) @ [R, sum(out)]
                 return
         self._single = None
         found = None if (ctx.single or small or not GROUPED_LORA["enabled"]) else self._members(ctx)

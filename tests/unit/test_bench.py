@@ -31,6 +31,10 @@ def test_bench_against_a_url_runs_no_baseline_and_reports_ceilings(tiny_base, tm
     report = json.loads((out / "results.json").read_text())
     assert set(report["phases"]) == {"mixed", "base", "single", "burst"}  # no "naive": not asked for
     assert report["ceilings"]["bf16_gflops"] > 0 and report["ceilings"]["mem_read_gbs"] > 0
+    start, end = report["ceilings_start"], report["ceilings_end"]  # measured before the phases and after them
+    for key in ("bf16_gflops", "fp32_gflops", "mem_read_gbs"):
+        assert start[key] > 0 and end[key] > 0
+        assert report["ceilings"][key] == max(start[key], end[key]), key  # fractions divide by the higher
     for name, phase in report["phases"].items():
         assert phase["errors"] == 0 and phase["output_tokens"] == phase["requests"] * (6 if name == "single" else 3), name
         assert 0 < phase["of_compute_ceiling"] < 1, name
@@ -85,6 +89,22 @@ def test_model_cost_of_smollm2_135m():
         assert abs(model_cost(path)["gflop_per_token"] - 0.269) < 0.001
     finally:
         path.unlink()
+
+
+def test_fractions_divide_by_the_higher_ceiling_of_start_and_end():
+    """A run whose host got faster (or slower) midway is judged against the faster window: the
+    figures are compared one by one, the thread count kept, a missing end measurement changes
+    nothing."""
+    from loraplex.server.bench_ceilings import fractions, higher_ceilings
+
+    start = {"threads": 2, "fp32_gflops": 221.2, "bf16_gflops": 466.2, "mem_read_gbs": 18.98}
+    end = {"threads": 2, "fp32_gflops": 200.0, "bf16_gflops": 803.9, "mem_read_gbs": 20.5}
+    assert higher_ceilings(start, end) == {"threads": 2, "fp32_gflops": 221.2, "bf16_gflops": 803.9, "mem_read_gbs": 20.5}
+    assert higher_ceilings(start, None) == start
+    cost = {"matmul_params": 134_400_000, "gflop_per_token": 0.2688}
+    slow = fractions(475.5, ceilings=start, cost=cost, dtype="bfloat16")
+    fast = fractions(475.5, ceilings=higher_ceilings(start, end), cost=cost, dtype="bfloat16")
+    assert slow["of_compute_ceiling"] > 0.25 > fast["of_compute_ceiling"]  # 475.5 tok/s: 27% of a 466 GFLOP/s window, 16% of an 804 one
 
 
 def test_peer_llama_server_needs_a_binary(tiny_base, tmp_path):
