@@ -9,13 +9,17 @@ and attention over the row's cache under a position mask; and its compiled form.
 step pays: compiling per layer, or around the engine's eager attention, left the guards and
 wrapper calls of 30-60 compiled calls per token and measured no faster (docs/benchmarks.md).
 
-The cache buffers are inputs with dynamic row and position counts, so one compile serves every
-cache size; a compile depends only on which bias and LoRA inputs are present and the LoRA ranks
-(``signature``). It takes minutes on two cores, so it never runs on the engine's thread: the
-first step of a signature queues it and steps eagerly; a background thread
-(``loraplex-decode-compile``) compiles it, warmed up on small scratch buffers; later steps use
-it. Steps run it under the ``fail_on_recompile`` stance, so an input unlike the warm-up's raises
-instead of compiling on the engine thread; the caller then steps eagerly.
+The cache buffers are inputs with dynamic row and position counts, and attention reads only the
+row's first L positions (L, a power of two covering the new one, is the dynamic length of the
+mask input), so one compile serves every cache size and length. A compile depends only on which
+bias and LoRA inputs are present and their shapes (``signature``: the adapter's targets and ranks;
+the bare base is one more). It takes minutes on two cores, so it never runs on the engine's
+thread: the first step of a signature queues it and steps eagerly; a background thread
+(``loraplex-decode-compile``) compiles it, warmed up on small scratch buffers, and later steps use
+it. While any compile runs, every one-row step is eager (one process-wide lock: the stance below
+is process-wide). Steps run under the ``fail_on_recompile`` stance, so an input unlike the
+warm-up's raises instead of compiling on the engine thread; that signature then steps eagerly
+for good. Past ``RECOMPILE_LIMIT`` signatures in a process, new ones stay eager.
 
 Rounding differs from the eager step within bf16 noise (fused norms and activations). Nothing
 here knows of requests, slots' owners or adapters' names.
@@ -36,6 +40,12 @@ log = logging.getLogger(__name__)
 
 GROUP = 32  # the int4 kernel's group size (int4.py)
 _OPTIONS = {"cpp_wrapper": True}
+#: held by every step's call and every compile, across instances: the stance is process-wide,
+#: and every instance's compiles share ``OneRowStep.run``'s compiled-code cache
+_CALLING = threading.Lock()
+#: compiled signatures kept per process (torch's default recompile limit is 8); past it a new
+#: signature's compile fails and that signature steps eagerly
+RECOMPILE_LIMIT = 64
 
 
 def why_not_available() -> str | None:
@@ -52,8 +62,8 @@ def why_not_available() -> str | None:
 class OneRowStep:
     """``run(h, cos, sin, slot, pos, keys, values, layers) -> h`` for one decoding row.
 
-    Shapes: h [1, H]; cos/sin [1, 1, d]; slot/pos [1] long; keys/values per layer
-    [rows, kv_heads, cap, d]; ``layers`` per layer the 22 tensors of ``layer_inputs``'s order:
+    Shapes: h [1, H]; cos/sin [1, 1, d]; slot/pos [1] long; mask [1, 1, 1, L] bool (positions
+    <= pos of the row's first L, L <= cap); keys/values per layer [rows, kv_heads, cap, d]; ``layers`` per layer the 22 tensors of ``layer_inputs``'s order:
     (in_norm, qkv int4 packed, scales, bias|None, A|None, B|None, o: packed, scales, bias, A, B,
     post_norm, gate_up: packed, scales, bias, A, B, down: packed, scales, bias, A, B)."""
 
@@ -66,7 +76,6 @@ class OneRowStep:
         self._broken: set[tuple] = set()
         self._state = threading.Condition()
         self._compiler: threading.Thread | None = None
-        self._calling = threading.Lock()  # the stance is process-wide: steps and compiles never overlap
 
     # ------------------------------------------------------------ the math
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -81,9 +90,10 @@ class OneRowStep:
             y = (y.float() + F.linear(x.float(), a) @ b).to(y.dtype)
         return y
 
-    def run(self, h, cos, sin, slot, pos, keys: list, values: list, layers: list):
+    def run(self, h, cos, sin, slot, pos, mask, keys: list, values: list, layers: list):
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         half = d // 2
+        length = mask.shape[-1]  # the row's first L positions (L <= capacity, L > pos)
         for i, (in_norm, qp, qs, qbias, qa, qb, op, os_, obias, oa, ob, post_norm, gp, gs, gbias, ga, gb, dp, ds, dbias, da, db) in enumerate(layers):
             qkv = self._project(self._rms(h, in_norm), qp, qs, qbias, qa, qb)  # [1, q_out + 2 kv_out]
             qk = qkv[:, : self.q_out + self.kv_out].view(1, heads + kv_heads, d)
@@ -91,11 +101,12 @@ class OneRowStep:
             k_buf, v_buf = keys[i], values[i]  # [rows, kv_heads, cap, d]
             k_buf[slot, :, pos] = qk[:, heads:]
             v_buf[slot, :, pos] = qkv[:, self.q_out + self.kv_out :].view(1, kv_heads, d)
-            cap = k_buf.shape[2]
-            mask = (torch.arange(cap, device=pos.device) <= pos)[None, None, None, :]  # [1, 1, 1, cap]
             attn = F.scaled_dot_product_attention(
                 qk[:, :heads].reshape(1, kv_heads, heads // kv_heads, d),  # GQA folded, as the engine does
-                k_buf.index_select(0, slot), v_buf.index_select(0, slot), attn_mask=mask, scale=self.scale,
+                k_buf.narrow(2, 0, length).index_select(0, slot),  # [1, kv_heads, L, d]: only the row's first L positions
+                v_buf.narrow(2, 0, length).index_select(0, slot),
+                attn_mask=mask,  # [1, 1, 1, L]: positions <= pos
+                scale=self.scale,
             )  # [1, kv_heads, group, d]
             h = h + self._project(attn.reshape(1, self.q_out), op, os_, obias, oa, ob)
             gate_up = self._project(self._rms(h, post_norm), gp, gs, gbias, ga, gb)
@@ -112,13 +123,13 @@ class OneRowStep:
     def compiled(self, key: tuple) -> Callable | None:
         return self._compiled.get(key)
 
-    def request(self, key: tuple, layers: list, like: torch.Tensor, kv_like: torch.Tensor) -> None:
-        """Queue a compile of ``key`` (nothing if done, queued or broken), warmed up on inputs
-        of ``like``'s dtype and cache buffers like ``kv_like`` (dtype, inference tensor or not)."""
+    def request(self, key: tuple, layers: list, dtype: torch.dtype, kv_like: torch.Tensor) -> None:
+        """Queue a compile of ``key`` (nothing if done, queued or broken), warmed up on
+        activations of ``dtype`` and cache buffers like ``kv_like`` (dtype, inference tensor or not)."""
         with self._state:
             if key in self._broken or key in self._compiled or any(k == key for k, _ in self._wanted):
                 return
-            self._wanted.append((key, (layers, like.dtype, kv_like.dtype, kv_like.is_inference())))
+            self._wanted.append((key, (layers, dtype, kv_like.dtype, kv_like.is_inference())))
             if self._compiler is None:
                 self._compiler = threading.Thread(target=self._compile_loop, name="loraplex-decode-compile", daemon=True)
                 self._compiler.start()
@@ -127,14 +138,14 @@ class OneRowStep:
     def engine_calls(self) -> Iterator[bool]:
         """Around a step's call: False while a compile runs (step eagerly); else True, with
         recompiling refused (a failing guard raises)."""
-        if not self._calling.acquire(blocking=False):
+        if not _CALLING.acquire(blocking=False):
             yield False
             return
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
                 yield True
         finally:
-            self._calling.release()
+            _CALLING.release()
 
     def mark_broken(self, key: tuple) -> None:
         self._broken.add(key)
@@ -153,15 +164,20 @@ class OneRowStep:
         """One call on scratch inputs shaped like a step's, cache sizes marked dynamic."""
         n = len(layers)
         with torch.inference_mode(kv_inference):  # the guards check it: buffers made like the engine's
-            keys = [torch.zeros(3, self.kv_heads, 17, self.head_dim, dtype=kv_dtype) for _ in range(n)]
-            values = [torch.zeros(3, self.kv_heads, 17, self.head_dim, dtype=kv_dtype) for _ in range(n)]
+            keys = [torch.zeros(3, self.kv_heads, 40, self.head_dim, dtype=kv_dtype) for _ in range(n)]
+            values = [torch.zeros(3, self.kv_heads, 40, self.head_dim, dtype=kv_dtype) for _ in range(n)]
         h = torch.zeros(1, self.hidden, dtype=dtype)
         cos = torch.ones(1, 1, self.head_dim, dtype=dtype)
         sin = torch.zeros(1, 1, self.head_dim, dtype=dtype)
         for buffer in keys + values:
             torch._dynamo.mark_dynamic(buffer, 0)
             torch._dynamo.mark_dynamic(buffer, 2)
-        fn(h, cos, sin, torch.tensor([1]), torch.tensor([5]), keys, values, layers)
+        # twice: attention over fewer positions than the buffers hold, and over all of them (the
+        # second makes a second graph: the first is specialized on the narrowed K/V not being contiguous)
+        for length in (17, 40):
+            mask = (torch.arange(length) <= 5)[None, None, None, :]
+            torch._dynamo.mark_dynamic(mask, 3)
+            fn(h, cos, sin, torch.tensor([1]), torch.tensor([5]), mask, keys, values, layers)
 
     def _compile_loop(self) -> None:
         while True:
@@ -172,7 +188,8 @@ class OneRowStep:
                     return
                 key, (layers, dtype, kv_dtype, kv_inference) = self._wanted[0]
             try:
-                with self._calling, torch.inference_mode():
+                with _CALLING, torch.inference_mode():
+                    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
                     fn = torch.compile(self.run, fullgraph=True, options=_OPTIONS)
                     self._warm_up(fn, layers, dtype, kv_dtype, kv_inference)
                 self._compiled[key] = fn

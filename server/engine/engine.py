@@ -155,6 +155,7 @@ class Engine(RowEngine):
             device=self.device,
             max_rows=max_batch_size,
             max_len=max_model_len,
+            min_rows=2 if compile_decode else 1,  # see KvCache: the compiled one-row step's dynamic row count
         )
         register_attention()
         model.config._attn_implementation = ATTENTION_NAME
@@ -166,7 +167,7 @@ class Engine(RowEngine):
             self.lean = LlamaStepForward(model, max_len=max_model_len, dtype=self.dtype, device=self.device, int4_rows=int4_decode_rows, compile_decode=compile_decode)
             self.forward_path = "lean"
             lean, lock = self.lean, self.slot_table.lock
-            self.slot_table.on_change.append(lambda: lean.schedule_refresh(lock))
+            self.slot_table.on_change.append(lambda: lean.schedule_refresh(lock))  # also drops the compiled step's cached inputs
             log.info("engine forward: lean Llama; int4 decode GEMMs %s; compiled one-row decode %s", self.lean.int4_reason, self.lean.compile_reason)
         else:
             log.info("engine forward: transformers' (%s)", reason)

@@ -59,8 +59,11 @@ class StepPlan:
 class KvCache:
     """K/V buffers for up to ``max_rows`` sequences of up to ``max_len`` positions each."""
 
-    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, max_rows: int, max_len: int, initial_len: int = 128) -> None:
+    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, max_rows: int, max_len: int, initial_len: int = 128, min_rows: int = 1) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        # buffers hold at least min_rows rows even when max_rows is smaller (the compiled one-row
+        # step takes the row count as a dynamic size, and torch.compile specializes sizes of 1)
+        self.min_rows = min_rows
         self.dtype, self.device = dtype, torch.device(device)
         self.max_rows, self.max_len = max_rows, max_len
         self.initial_len = min(initial_len, max_len)
@@ -79,7 +82,7 @@ class KvCache:
 
     @property
     def capacity_tokens(self) -> int:
-        return self.rows_cap * self.len_cap
+        return min(self.rows_cap, self.max_rows) * self.len_cap  # rows kept beyond max_rows (min_rows) never hold a sequence
 
     @property
     def bytes_allocated(self) -> int:
@@ -128,9 +131,7 @@ class KvCache:
             raise ValueError(f"sequence of {length} tokens exceeds max_model_len {self.max_len}")
         rows, cap = self.rows_cap, self.len_cap
         while rows <= slot:
-            # at least 2 rows even when max_rows is 1: the compiled one-row step (compiled_decode.py)
-            # takes the row count as a dynamic size, and torch.compile specializes sizes of 1
-            rows = min(max(self.max_rows, 2), max(4, rows * 2))
+            rows = min(max(self.max_rows, self.min_rows), max(4, rows * 2))
         while cap < length:
             cap = min(self.max_len, max(self.initial_len, cap * 2))
         if (rows, cap) != (self.rows_cap, self.len_cap):

@@ -24,7 +24,8 @@ PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7, 6, 5], [1, 77, 4000, 12]]
 
 def test_single_streams_use_the_compiled_step_and_agree_with_peft(int4_base, tmp_path):  # noqa: F811
     adapter = make_random_adapter(int4_base, tmp_path / "a", seed=21)
-    engine = _engine(int4_base, {"a": adapter}, dtype=torch.bfloat16, int4_decode_rows=4, compile_decode=True)
+    other = make_random_adapter(int4_base, tmp_path / "b", seed=22)  # same rank and targets: the same compiled signature
+    engine = _engine(int4_base, {"a": adapter, "b": other}, dtype=torch.bfloat16, int4_decode_rows=4, compile_decode=True)
     assert engine.lean.compile_reason.startswith("on"), engine.lean.compile_reason
     step = engine.lean.one_row
     for name in ("a", None):  # the first one-row steps queue the compiles and run eagerly
@@ -55,6 +56,31 @@ def test_single_streams_use_the_compiled_step_and_agree_with_peft(int4_base, tmp
         both = [greedy_request("m0", PROMPTS[0], "a", 6), greedy_request("m1", PROMPTS[1], None, 6)]
         run_engine(engine, {0: [r for r, _ in both]})
         assert not used and all(len(sink.tokens) == 6 for _, sink in both)
+
+        # a short stream in KV row 0 and a long one on the other adapter in row 1: once the short
+        # one ends, the long one decodes alone from row 1, its cache growing past 128 positions
+        # (buffers reallocated, attention lengths 16 .. 256) on the same compiled step
+        used.clear()
+        short, _ = greedy_request("short", PROMPTS[0], "a", 2)
+        long, long_sink = greedy_request("long", PROMPTS[1], "b", 140)
+        long.logprobs = 0  # each token's logprob, checked below
+        run_engine(engine, {0: [short, long]})
+        assert engine.kv.len_cap > 128 and len(long_sink.tokens) == 140
+        assert len(used) >= 130 and all(used), used.count(False)
+        # every step's chosen-token logprob against peft's, teacher-forced on the same tokens (the
+        # tiny model's long continuations are near-ties, so token checks alone would say little)
+        ids = PROMPTS[1] + long_sink.tokens
+        bf16 = torch.log_softmax(reference_logits(int4_base, other, ids, dtype=torch.bfloat16), dim=-1)
+        fp32 = torch.log_softmax(reference_logits(int4_base, other, ids), dim=-1)
+        start = len(PROMPTS[1]) - 1
+        for a in range(0, 140, 28):  # windows of 28 tokens, each against its own bf16 noise
+            rows = torch.arange(start + a, start + a + 28)
+            chosen = torch.tensor(long_sink.tokens[a : a + 28])
+            noise = float((bf16 - fp32)[rows, chosen].abs().max())
+            got = torch.tensor([lp.logprob for lp in long_sink.logprobs[a : a + 28]])
+            error = float((got - bf16[rows, chosen]).abs().max())
+            assert error <= max(4 * noise, 5e-2), (a, error, noise)
+        assert step.ready == 2 and not step._broken
     finally:
         type(engine.lean)._one_row_step = original
 
