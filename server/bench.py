@@ -6,8 +6,8 @@ adapters into a temp store so any machine can run it). Everything is measured in
 ratios compare like with like on a noisy machine, with a progress bar per phase (rich, stderr):
 
 0. ``ceilings`` (``bench_ceilings.py``): this machine's bf16 and fp32 GEMM GFLOP/s and memory read
-   GB/s, measured before the server starts and again after it stops (``ceilings_start``,
-   ``ceilings_end``); every phase's tok/s is reported as a fraction of the higher of the two
+   GB/s, measured before the phases and again after them, once a server it started has stopped
+   (``ceilings_start``, ``ceilings_end``); every phase's tok/s is reported as a fraction of the higher of the two
    (``ceilings``: the host's speed drifts within a run) of the compute ceiling (tok/s x
    GFLOP/token) and, for the single stream, also of the weight-bandwidth ceiling (bytes of matmul
    weights at the served dtype read once per token);
@@ -552,7 +552,7 @@ def _run_phases(args, ref, store: Path, adapters: list[str], work: Path, out_dir
             if proc is not None:
                 proc.terminate()
                 proc.wait(30)
-        if ceilings_start is not None:  # again, the server gone: fractions use the higher of the two
+        if ceilings_start is not None:  # again after the phases (a server it started has stopped): fractions use the higher
             ceilings_end = measure_ceilings()
             ceilings = higher_ceilings(ceilings_start, ceilings_end)
             progress.note(f"ceilings at the end: {ceilings_end}")

@@ -47,7 +47,7 @@ class ServerSettings(BaseSettings):
     )
     compile_decode: bool = Field(
         False,
-        description="torch backend with int4 decode GEMMs: compile the one-row decode step with torch.compile for single streams (needs g++; the first use of each adapter rank compiles in the background for minutes, cached on disk; docs/benchmarks.md)",
+        description="torch backend with int4 decode GEMMs: compile the one-row decode step with torch.compile for single streams (needs g++; each signature, the adapter's targets and ranks or the bare base, compiles in the background on first use: minutes of a core, seconds from inductor's disk cache; docs/benchmarks.md)",
     )
     max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")

@@ -436,8 +436,9 @@ def main() -> None:
     if ceilings:  # measured again at the end: the fractions against the higher of the two (the host drifts within a run)
         from loraplex.server.bench_ceilings import higher_ceilings, measure_ceilings
 
-        higher = higher_ceilings(ceilings, measure_ceilings())
-        print(json.dumps({"ceilings_end_higher": higher}), flush=True)
+        end = measure_ceilings()
+        higher = higher_ceilings(ceilings, end)
+        print(json.dumps({"ceilings_end": end, "ceilings_higher": higher}), flush=True)
         for phase, label, raw in results:
             fractions = {k: v for k, v in with_fractions(phase, raw, args, higher).items() if k.startswith("of_")}
             print(json.dumps({"phase": phase, **({"variant": label} if label else {}), "tok_s": raw.get("tok_s"), "against": "higher ceilings", **fractions}), flush=True)

@@ -9,9 +9,12 @@ and attention over the row's cache under a position mask; and its compiled form.
 step pays: compiling per layer, or around the engine's eager attention, left the guards and
 wrapper calls of 30-60 compiled calls per token and measured no faster (docs/benchmarks.md).
 
-The cache buffers are inputs with dynamic row and position counts, and attention reads only the
-row's first L positions (L, a power of two covering the new one, is the dynamic length of the
-mask input), so one compile serves every cache size and length. A compile depends only on which
+The cache buffers are inputs with dynamic row and position counts, so one compile serves every
+cache size; attention reads the row's whole capacity under a position mask (capacity only grows,
+by doubling, so after one long request a later stream reads more K/V than it needs: measured
+with capacities of 256; reading only a power-of-two prefix needs a second graph for the prefix
+that is the whole buffer, and compiled more than 15 minutes per signature here, so it is not
+done). A compile depends only on which
 bias and LoRA inputs are present and their shapes (``signature``: the adapter's targets and ranks;
 the bare base is one more). It takes minutes on two cores, so it never runs on the engine's
 thread: the first step of a signature queues it and steps eagerly; a background thread
@@ -62,10 +65,10 @@ def why_not_available() -> str | None:
 class OneRowStep:
     """``run(h, cos, sin, slot, pos, keys, values, layers) -> h`` for one decoding row.
 
-    Shapes: h [1, H]; cos/sin [1, 1, d]; slot/pos [1] long; mask [1, 1, 1, L] bool (positions
-    <= pos of the row's first L, L <= cap); keys/values per layer [rows, kv_heads, cap, d]; ``layers`` per layer the 22 tensors of ``layer_inputs``'s order:
-    (in_norm, qkv int4 packed, scales, bias|None, A|None, B|None, o: packed, scales, bias, A, B,
-    post_norm, gate_up: packed, scales, bias, A, B, down: packed, scales, bias, A, B)."""
+    Shapes: h [1, H]; cos/sin [1, 1, d]; slot/pos [1] long; keys/values per layer
+    [rows, kv_heads, cap, d]; ``layers`` per layer 22 tensors, in this order: in_norm, then
+    q/k/v's (int4 packed, scales, bias or None, A or None, B or None), o's five, post_norm,
+    gate/up's five, down's five (llama_forward.py builds them)."""
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float, gate_up_spans: Sequence[tuple[int, int]]) -> None:
         self.hidden, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale = hidden, heads, kv_heads, head_dim, eps, scale
@@ -90,10 +93,9 @@ class OneRowStep:
             y = (y.float() + F.linear(x.float(), a) @ b).to(y.dtype)
         return y
 
-    def run(self, h, cos, sin, slot, pos, mask, keys: list, values: list, layers: list):
+    def run(self, h, cos, sin, slot, pos, keys: list, values: list, layers: list):
         heads, kv_heads, d = self.heads, self.kv_heads, self.head_dim
         half = d // 2
-        length = mask.shape[-1]  # the row's first L positions (L <= capacity, L > pos)
         for i, (in_norm, qp, qs, qbias, qa, qb, op, os_, obias, oa, ob, post_norm, gp, gs, gbias, ga, gb, dp, ds, dbias, da, db) in enumerate(layers):
             qkv = self._project(self._rms(h, in_norm), qp, qs, qbias, qa, qb)  # [1, q_out + 2 kv_out]
             qk = qkv[:, : self.q_out + self.kv_out].view(1, heads + kv_heads, d)
@@ -101,12 +103,11 @@ class OneRowStep:
             k_buf, v_buf = keys[i], values[i]  # [rows, kv_heads, cap, d]
             k_buf[slot, :, pos] = qk[:, heads:]
             v_buf[slot, :, pos] = qkv[:, self.q_out + self.kv_out :].view(1, kv_heads, d)
+            cap = k_buf.shape[2]
+            mask = (torch.arange(cap, device=pos.device) <= pos)[None, None, None, :]  # [1, 1, 1, cap]
             attn = F.scaled_dot_product_attention(
                 qk[:, :heads].reshape(1, kv_heads, heads // kv_heads, d),  # GQA folded, as the engine does
-                k_buf.narrow(2, 0, length).index_select(0, slot),  # [1, kv_heads, L, d]: only the row's first L positions
-                v_buf.narrow(2, 0, length).index_select(0, slot),
-                attn_mask=mask,  # [1, 1, 1, L]: positions <= pos
-                scale=self.scale,
+                k_buf.index_select(0, slot), v_buf.index_select(0, slot), attn_mask=mask, scale=self.scale,
             )  # [1, kv_heads, group, d]
             h = h + self._project(attn.reshape(1, self.q_out), op, os_, obias, oa, ob)
             gate_up = self._project(self._rms(h, post_norm), gp, gs, gbias, ga, gb)
@@ -164,20 +165,15 @@ class OneRowStep:
         """One call on scratch inputs shaped like a step's, cache sizes marked dynamic."""
         n = len(layers)
         with torch.inference_mode(kv_inference):  # the guards check it: buffers made like the engine's
-            keys = [torch.zeros(3, self.kv_heads, 40, self.head_dim, dtype=kv_dtype) for _ in range(n)]
-            values = [torch.zeros(3, self.kv_heads, 40, self.head_dim, dtype=kv_dtype) for _ in range(n)]
+            keys = [torch.zeros(3, self.kv_heads, 17, self.head_dim, dtype=kv_dtype) for _ in range(n)]
+            values = [torch.zeros(3, self.kv_heads, 17, self.head_dim, dtype=kv_dtype) for _ in range(n)]
         h = torch.zeros(1, self.hidden, dtype=dtype)
         cos = torch.ones(1, 1, self.head_dim, dtype=dtype)
         sin = torch.zeros(1, 1, self.head_dim, dtype=dtype)
         for buffer in keys + values:
             torch._dynamo.mark_dynamic(buffer, 0)
             torch._dynamo.mark_dynamic(buffer, 2)
-        # twice: attention over fewer positions than the buffers hold, and over all of them (the
-        # second makes a second graph: the first is specialized on the narrowed K/V not being contiguous)
-        for length in (17, 40):
-            mask = (torch.arange(length) <= 5)[None, None, None, :]
-            torch._dynamo.mark_dynamic(mask, 3)
-            fn(h, cos, sin, torch.tensor([1]), torch.tensor([5]), mask, keys, values, layers)
+        fn(h, cos, sin, torch.tensor([1]), torch.tensor([5]), keys, values, layers)
 
     def _compile_loop(self) -> None:
         while True:

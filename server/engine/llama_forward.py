@@ -252,7 +252,6 @@ class LlamaStepForward:
         self.int4_reason = self._use_int4(int4_rows, dtype, torch.device(device))
         self.one_row: OneRowStep | None = None
         self._one_row_inputs: tuple | None = None  # (key, per-layer inputs, signature), see _one_row_step
-        self._one_row_masks: dict = {}
         self.compile_reason = self._use_compiled_decode(compile_decode)
         _return_freed_memory()  # the replaced per-projection weights and the int4 check's temporaries
         # rotary cos/sin of every position, from the model's own rotary module: [max_len, d]
@@ -377,14 +376,6 @@ class LlamaStepForward:
         if fn is None:
             step.request(signature, layers, self.dtype, keys[0])
             return None
-        # attention reads the row's first L positions, L a power of two >= 16 covering the new
-        # one (at most twice what is needed; the whole capacity can be 16x more after one long request)
-        pos = int(plan.token_pos[0])
-        length = min(keys[0].shape[2], max(16, 1 << pos.bit_length()))
-        mask = self._one_row_masks.get((length, pos))
-        if mask is None:
-            mask = (torch.arange(length, device=positions.device) <= pos)[None, None, None, :]  # [1, 1, 1, L]
-            self._one_row_masks = {(length, pos): mask}
         h = self.embed(ids)  # [1, H]
         cos = self.cos.index_select(0, positions)[:, None]  # [1, 1, d]
         sin = self.sin.index_select(0, positions)[:, None]
@@ -392,7 +383,7 @@ class LlamaStepForward:
             if not ok:
                 return None
             try:
-                h = fn(h, cos, sin, plan.token_slots, positions, mask, keys, values, layers)
+                h = fn(h, cos, sin, plan.token_slots, positions, keys, values, layers)
             except Exception:  # an input unlike the warm-up's (the stance refuses to recompile here)
                 log.warning("the compiled one-row decode step refused its inputs; this signature runs eagerly", exc_info=True)
                 step.mark_broken(signature)
