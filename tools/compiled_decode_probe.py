@@ -1,20 +1,21 @@
 """How much of a single stream's decode step is host overhead: the embedded base's one-token
-decode written out plainly (int4 projections, in-place KV, no LoRA), run eagerly and through
+decode as one function (int4 projections, in-place KV, no LoRA), run eagerly and through
 ``torch.compile`` (inductor), with the engine's own single stream timed in the same rounds.
 
     .venv/bin/python tools/compiled_decode_probe.py                 # inductor, Python wrapper
     .venv/bin/python tools/compiled_decode_probe.py --cpp-wrapper   # inductor, C++ wrapper
 
-A measuring probe for issue 15's single-stream target, not a serving path. It answers one
-question: with the weight reads fixed (the int4 GEMMs and the bf16 lm_head), how fast is one
-token once the ~1,300 small ops per token stop being dispatched one by one from Python? The
-plain function mirrors ``LlamaStepForward`` for one row of one sequence: the same fused weights
-and their int4 forms, RMSNorm as the engine computes it, the rotary tables, K/V written in place
-into a static [kv_heads, capacity, d] buffer per layer and attention over the whole capacity
-under a position mask (static shapes: one compile), the lm_head eager (its oneDNN-prepacked
-weight is not an inductor input). Rounds interleave the probe's eager run, its compiled run and
-the engine's own base and one-adapter streams, so each round shares one host window (this VM's
-speed varies up to 2x between windows). Prints one JSON line per round and a summary line.
+A measuring probe for issue 15's single-stream target. It answers one question: with the
+weight reads fixed (the int4 GEMMs and the bf16 lm_head), how fast is one token once the ~1,300
+small ops per token stop being dispatched one by one from Python? It runs the engine's own
+one-row step function (``compiled_decode.OneRowStep.run``, no adapter) on static one-row K/V
+buffers of ``--capacity`` positions (static shapes: one compile), eagerly and compiled, with the
+lm_head eager (its oneDNN-prepacked weight is not an inductor input). (The figures in
+docs/benchmarks.md's sixth session came from an earlier copy of that function written out here;
+``OneRowStep.run`` computes the same per-layer ops, with the K/V buffers' row as an index.)
+Rounds interleave the probe's eager run, its compiled run and the engine's own base and
+one-adapter streams, so each round shares one host window (this VM's speed varies up to 2x
+between windows). Prints one JSON line per round and a summary line.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -35,36 +35,21 @@ import engine_bench as eb  # noqa: E402
 
 
 def plain_decode(lean, capacity: int):
-    """``step(ids [1], pos [1]) -> h [1, H]`` (final-normed hidden state) over fresh K/V buffers."""
-    heads, kv_heads, d, hidden = lean.heads, lean.kv_heads, lean.head_dim, lean.hidden
-    keys = [torch.zeros(kv_heads, capacity, d, dtype=torch.bfloat16) for _ in lean.layers]
-    values = [torch.zeros(kv_heads, capacity, d, dtype=torch.bfloat16) for _ in lean.layers]
-    weights = [(layer.qkv.int4, layer.o_proj.int4, layer.gate_up.int4, layer.down_proj.int4) for layer in lean.layers]
-    q_out, kv_out, half = heads * d, kv_heads * d, d // 2
+    """``step(ids [1], pos [1]) -> h [1, H]`` (final-normed hidden state): the engine's compiled
+    step function (``OneRowStep.run``, no adapter) on fresh static K/V buffers of one row."""
+    from loraplex.server.engine.compiled_decode import OneRowStep
+    from loraplex.server.engine.lora import LoraBatchContext
 
-    def rms(x, w):
-        return w * F.rms_norm(x.float(), (hidden,), None, lean.eps).to(x.dtype)
-
-    def rotate(x, cos, sin):  # x [1, h, d]
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+    one_row = OneRowStep(hidden=lean.hidden, heads=lean.heads, kv_heads=lean.kv_heads, head_dim=lean.head_dim, eps=lean.eps, scale=lean.scale,
+                         gate_up_spans=lean.layers[0].gate_up.spans)
+    layers = lean.one_row_layer_inputs(LoraBatchContext())  # no adapter in use
+    keys = [torch.zeros(1, lean.kv_heads, capacity, lean.head_dim, dtype=torch.bfloat16) for _ in lean.layers]
+    values = [torch.zeros(1, lean.kv_heads, capacity, lean.head_dim, dtype=torch.bfloat16) for _ in lean.layers]
+    slot = torch.tensor([0])
 
     def step(ids, pos):
-        h = lean.embed(ids)  # [1, H]
-        cos, sin = lean.cos.index_select(0, pos)[:, None], lean.sin.index_select(0, pos)[:, None]  # [1, 1, d]
-        mask = (torch.arange(capacity) <= pos)[None, None, :]  # [1, 1, capacity]
-        for i, layer in enumerate(lean.layers):
-            qkv_w, o_w, gate_up_w, down_w = weights[i]
-            qkv = qkv_w(rms(h, layer.in_norm))  # [1, q_out + 2 kv_out]
-            qk = rotate(qkv[:, : q_out + kv_out].view(1, heads + kv_heads, d), cos, sin)
-            keys[i].index_copy_(1, pos, qk[:, heads:].transpose(0, 1))  # [kv_heads, 1, d] at pos
-            values[i].index_copy_(1, pos, qkv[:, q_out + kv_out :].view(1, kv_heads, d).transpose(0, 1))
-            q = qk[:, :heads].view(kv_heads, heads // kv_heads, d)  # GQA folded, as the engine does
-            attn = F.scaled_dot_product_attention(q, keys[i], values[i], attn_mask=mask, scale=lean.scale)
-            h = h + o_w(attn.reshape(1, q_out))
-            gate_up = gate_up_w(rms(h, layer.post_norm))
-            inter = gate_up.shape[1] // 2
-            h = h + down_w(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
-        return rms(h, lean.norm)
+        h = one_row.run(lean.embed(ids), lean.cos.index_select(0, pos)[:, None], lean.sin.index_select(0, pos)[:, None], slot, pos, keys, values, layers)
+        return one_row._rms(h, lean.norm)
 
     return step, keys + values
 

@@ -68,7 +68,7 @@ class OneRowStep:
     Shapes: h [1, H]; cos/sin [1, 1, d]; slot/pos [1] long; keys/values per layer
     [rows, kv_heads, cap, d]; ``layers`` per layer 22 tensors, in this order: in_norm, then
     q/k/v's (int4 packed, scales, bias or None, A or None, B or None), o's five, post_norm,
-    gate/up's five, down's five (llama_forward.py builds them)."""
+    gate/up's five, down's five (``LlamaStepForward.one_row_layer_inputs`` builds them)."""
 
     def __init__(self, *, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, scale: float, gate_up_spans: Sequence[tuple[int, int]]) -> None:
         self.hidden, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale = hidden, heads, kv_heads, head_dim, eps, scale

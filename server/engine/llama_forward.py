@@ -346,6 +346,20 @@ class LlamaStepForward:
         )
         return tuple(rows if rows is not None else (None, None) for rows in found)
 
+    def one_row_layer_inputs(self, ctx) -> list[tuple]:
+        """Per layer, the 22 inputs of ``OneRowStep.run`` after the activations (its docstring
+        gives the order): norms, int4 weights, biases and this step's one adapter's fp32 rows
+        (``ctx`` without adapters in use: none)."""
+        layers = []
+        for layer in self.layers:
+            (qa, qb), (oa, ob), (ga, gb), (da, db) = self._adapter_rows(layer, ctx)
+            qkv, o, gate_up, down = layer.fused
+            layers.append((layer.in_norm, qkv.int4.packed, qkv.int4.scales_zeros, qkv.bias, qa, qb,
+                           o.int4.packed, o.int4.scales_zeros, o.bias, oa, ob, layer.post_norm,
+                           gate_up.int4.packed, gate_up.int4.scales_zeros, gate_up.bias, ga, gb,
+                           down.int4.packed, down.int4.scales_zeros, down.bias, da, db))
+        return layers
+
     def _one_row_step(self, ids: torch.Tensor, positions: torch.Tensor, plan, keep: torch.Tensor) -> torch.Tensor | None:
         """One decoding row through the compiled step; None where it does not apply or is not
         compiled yet (the caller steps eagerly)."""
@@ -362,14 +376,7 @@ class LlamaStepForward:
         if cached is not None and cached[0] == cache_key:
             layers, signature = cached[1], cached[2]
         else:  # rebuilt when the adapters change (ctx.version bumps)
-            layers = []
-            for layer in self.layers:
-                (qa, qb), (oa, ob), (ga, gb), (da, db) = self._adapter_rows(layer, ctx)
-                qkv, o, gate_up, down = layer.fused
-                layers.append((layer.in_norm, qkv.int4.packed, qkv.int4.scales_zeros, qkv.bias, qa, qb,
-                               o.int4.packed, o.int4.scales_zeros, o.bias, oa, ob, layer.post_norm,
-                               gate_up.int4.packed, gate_up.int4.scales_zeros, gate_up.bias, ga, gb,
-                               down.int4.packed, down.int4.scales_zeros, down.bias, da, db))
+            layers = self.one_row_layer_inputs(ctx)
             signature = (step.signature(layers), keys[0].is_inference())
             self._one_row_inputs = (cache_key, layers, signature)
         fn = step.compiled(signature)
