@@ -293,6 +293,7 @@ def profile_phase(phase: str, engine, names, args) -> None:
     while driver.busy():
         driver.step()
     print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=40, max_shapes_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=50))
 
 
 def compile_one_row(engine, names, args) -> None:
@@ -314,7 +315,7 @@ def compile_one_row(engine, names, args) -> None:
 
 #: --ab switches: name -> (label of A, label of B, a function that sets the switch)
 def _ab_switches(engine) -> dict:
-    from loraplex.server.engine import kvcache, lora, sampling
+    from loraplex.server.engine import expand_kernel, kvcache, lora, sampling
 
     small = lora.SMALL_M_FP32
     lean = engine.lean
@@ -354,6 +355,14 @@ def _ab_switches(engine) -> dict:
                             fused.shrink.fold = None  # rebuilt below with the new cap
                 lean.refresh_lora()
 
+    set_slots = lora.LoraBatchContext.set_token_slots
+
+    def use_adapters(on: bool) -> None:  # off: every token of a step runs on the bare base (same KV state): mixed vs base, paired
+        if on:
+            lora.LoraBatchContext.set_token_slots = set_slots
+        else:
+            lora.LoraBatchContext.set_token_slots = lambda ctx, slots, device: set_slots(ctx, [0] * len(slots), device)
+
     return {
         "lean": ("lean", "transformers", use_lean),
         "int4": ("int4", "bf16_gemm", use_int4),
@@ -366,6 +375,8 @@ def _ab_switches(engine) -> dict:
         "fold_a": ("folded_shrink", "separate_shrink", use_fold),
         "compile_decode": ("compiled_one_row", "eager_one_row", use_compiled_decode),
         "fold_diag": ("gate_up_diag", "gate_up_per_member", use_fold_diag),
+        "expand_kernel": ("expand_kernel", "masked_gemm", lambda on: expand_kernel.EXPAND_KERNEL.__setitem__("enabled", on)),
+        "adapters": ("adapter_rows", "base_rows", use_adapters),
     }
 
 
@@ -385,7 +396,7 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag, compile_decode)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag, compile_decode, expand_kernel, adapters)")
     p.add_argument("--compile-decode", action="store_true", help="the engine's compiled one-row decode step (compiled before the phases: minutes on 2 cores, cached on disk)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "

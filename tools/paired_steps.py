@@ -6,6 +6,7 @@ changes in this host's noise; this does not.
     .venv/bin/python tools/paired_steps.py --switch fold_a            # 8 adapters mixed
     .venv/bin/python tools/paired_steps.py --switch fold_a --base     # base rows, adapters resident
     .venv/bin/python tools/paired_steps.py --switch small_fp32 --rows 16 --one   # 16 rows, one adapter
+    .venv/bin/python tools/paired_steps.py --switch adapters          # mixed rows vs the same rows on the base
 
 Prints one JSON line: per-round ms per step for A and B, their medians and the median of the
 per-round ratios B/A (> 1: A is faster). Switches are engine_bench.py's ``--ab`` names.

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.server.engine import expand_kernel
 from loraplex.server.store.targets import EXCLUDED_TARGETS
 
 
@@ -63,6 +64,8 @@ class LoraBatchContext:
     single: bool = False  # every token uses used[0] at weight 1
     version: int = 0  # bumped whenever the slots or any adapter's weights change
     _masks: dict = field(default_factory=dict)  # row layout -> [N, span] mask, per step
+    _slots: Sequence[TokenSlot] = ()  # this step's token slots as given
+    _segments: expand_kernel.TokenSegments | None = None  # the expand kernel's view of them, built on first use
 
     @property
     def any_adapter(self) -> bool:
@@ -74,6 +77,7 @@ class LoraBatchContext:
         gets ``sum_i weight_i * B_i A_i x`` (a weighted mix, exact for LoRA). Pairs on slot 0 add
         nothing (the base is always there once); a slot named twice in one mix sums its weights."""
         self._masks = {}
+        self._slots, self._segments = slots, None
         self.token_slots = self.token_weights = None
         if all(isinstance(s, int) for s in slots):
             used = tuple(sorted({s for s in slots if s}))
@@ -109,6 +113,22 @@ class LoraBatchContext:
             for slot, weight in row.items():
                 dense_row[index[slot]] = weight
         self.token_weights = torch.tensor(dense, dtype=torch.float32, device=device)  # [N, U + 1]
+
+    def segments(self) -> expand_kernel.TokenSegments:
+        """Each token's (slot, weight) pairs for the expand kernel, built once per step."""
+        if self._segments is None:
+            rows = []
+            for item in self._slots:
+                if isinstance(item, int):
+                    rows.append([(item, 1.0)] if item else [])
+                else:
+                    merged: dict[int, float] = {}
+                    for slot, weight in item:
+                        if slot:
+                            merged[int(slot)] = merged.get(int(slot), 0.0) + float(weight)
+                    rows.append(list(merged.items()))
+            self._segments = expand_kernel.TokenSegments(rows)
+        return self._segments
 
     def mask(self, key, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """[N, R]: for each token, the weight of the slot owning each of a layer's R LoRA rows
@@ -644,6 +664,7 @@ class Fold:
     rows: tuple[int, ...]  # hi_i: block-0 rows folded per member (0 = none)
     owners: tuple[tuple[int, ...], ...]  # per member: the slot owning each folded row (0 = free)
     b_diag: torch.Tensor | None  # [R, width]: each member's B rows [0, hi_i) in its own columns (groups only)
+    kernel: expand_kernel.ExpandPlan | None = None  # the expand as one kernel call (bf16 CPU, compiler present), or None
     plans: dict = field(default_factory=dict, compare=False)  # ctx.used -> (layout key, columns [R]) or None
 
 
@@ -688,6 +709,7 @@ class FoldedShrink:
         self.spans = tuple(spans)
         self.fold: Fold | None = None
         self.uses = 0  # steps that added LoRA through the fold (tests check the path ran)
+        self.kernel_uses = 0  # of which through expand_kernel
 
     def current(self) -> Fold | None:
         fold = self.fold
@@ -733,7 +755,16 @@ class FoldedShrink:
                 if hi:
                     b_diag[r0 : r0 + hi, lo:hi_col] = module.blocks[0][1][:hi]
                 r0 += hi
-        self.fold = Fold(packed=packed, bias=bias, width=width, versions=versions, rows=tuple(rows), owners=tuple(owners), b_diag=b_diag)
+        kernel = None
+        if folded.dtype == torch.bfloat16 and folded.device.type == "cpu" and expand_kernel.available():
+            members, r0 = [], 0
+            for module, (lo, _), hi in zip(self.modules, self.spans, rows):
+                if hi:
+                    slots = {slot: (first, count) for slot, (block, first, count) in module.row_of.items() if block == 0}
+                    members.append((lo, r0, module.blocks[0][1][:hi], slots))
+                r0 += hi
+            kernel = expand_kernel.ExpandPlan(members)
+        self.fold = Fold(packed=packed, bias=bias, width=width, versions=versions, rows=tuple(rows), owners=tuple(owners), b_diag=b_diag, kernel=kernel)
         return True
 
     def _plan(self, fold: Fold, ctx: LoraBatchContext) -> tuple | None:
@@ -771,6 +802,12 @@ class FoldedShrink:
         if plan is None:
             return False
         key, columns, first = plan
+        if fold.kernel is not None and expand_kernel.usable(u.shape[0], y):
+            # each token reads only its own slots' rows: no mask, one call for the whole group
+            fold.kernel.run(y, u, ctx.segments())
+            self.uses += 1
+            self.kernel_uses += 1
+            return True
         if ctx.single:  # every token uses used[0]: keep its rows, zero the others
             u.mul_(first)
         else:

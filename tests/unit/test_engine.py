@@ -118,8 +118,12 @@ def test_many_new_prompts_are_prefilled_in_one_step(tiny_base, adapters, expecte
         assert sink.tokens == expected(ad, request.prompt_ids, 4)
 
 
-@pytest.mark.parametrize("budget, fold", [(9, False), (9, True), (64, True)], ids=["small-steps-unfolded", "small-steps-folded", "folded-shrink"])
-def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget, fold, monkeypatch):
+@pytest.mark.parametrize(
+    "budget, fold, kernel",
+    [(9, False, True), (9, True, True), (64, True, True), (64, True, False)],
+    ids=["small-steps-unfolded", "small-steps-folded", "folded-shrink", "folded-shrink-gemm-expand"],
+)
+def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget, fold, kernel, monkeypatch):
     """Mixed prefill+decode steps at bf16 (counted, so the coverage cannot silently vanish).
     At bf16 the engine and peft round differently (fused LoRA, another summation order), so
     tokens are checked against peft's bf16 logits with a tolerance (see check_greedy_within).
@@ -127,10 +131,12 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget, fold,
     fp32 logits on the same tokens (two bf16 computations each within that noise of the exact
     value are within twice of each other). Once with 9-token steps and the fold off (the
     small-step LoRA paths, fp32 on bf16 rows), once with 64-token steps adding LoRA through the
-    shrink folded into the base GEMMs (counted)."""
-    from loraplex.server.engine import lora
+    shrink folded into the base GEMMs (counted), their expand by the C kernel where it builds
+    (counted) and once by the masked GEMM."""
+    from loraplex.server.engine import expand_kernel, lora
 
     monkeypatch.setitem(lora.FOLD_A, "enabled", fold)
+    monkeypatch.setitem(expand_kernel.EXPAND_KERNEL, "enabled", kernel)
     engine = _engine(tiny_base, adapters, dtype=torch.bfloat16, max_batch_size=8, max_num_batched_tokens=budget)
     assert engine.lean.settle()  # the A rows folded (on a background thread) before the first step
     plan = [(PROMPTS[0], "a"), (PROMPTS[2], "b"), (LONG, "c"), (PROMPTS[1], None), (PROMPTS[4], "a")]
@@ -161,6 +167,8 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget, fold,
     folded = sum(fused.shrink.uses for layer in engine.lean.layers for fused in layer.fused if fused.shrink is not None)
     can_fold = pack_weight(torch.zeros(2, 2, dtype=torch.bfloat16)) is not None  # oneDNN bf16 prepacking on this CPU build
     assert (folded > 0) == (fold and can_fold), folded
+    by_kernel = sum(fused.shrink.kernel_uses for layer in engine.lean.layers for fused in layer.fused if fused.shrink is not None)
+    assert (by_kernel > 0) == (fold and can_fold and kernel and expand_kernel.available()), (by_kernel, expand_kernel.why_not())
 
 
 def test_cancel_and_stop_tokens_free_rows(tiny_base, adapters, expected):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraplex.server.engine import lora
+from loraplex.server.engine import expand_kernel, lora
 from loraplex.server.engine.lora import FoldedShrink, LoraBatchContext, MultiLoraLinear, pack_weight, packed_linear
 from loraplex.server.store.validation import LoraModuleWeights as W  # A [r, in], B [out, r], scale
 
@@ -67,10 +67,15 @@ def _step(shrink: FoldedShrink, ctx, x, items):
 MIXED = [1, 0, 2, 3, ((1, 0.7), (3, 0.3)), 2, ((2, -0.5), (1, 1.5))] * 4 + [3, 1, 0, 2]  # 32 tokens
 
 
-@pytest.mark.parametrize("diag_b", [True, False], ids=["b-diag", "b-per-member"])
+@pytest.mark.parametrize("expand", ["kernel", "b-diag", "b-per-member"])
 @pytest.mark.parametrize("items", [MIXED, [2] * 32, [0, 3] * 16, [0] * 32], ids=["mixed", "single", "one-adapter-and-base", "base-only"])
-def test_a_folded_step_equals_the_sum_from_the_raw_tensors(items, diag_b, monkeypatch):
-    monkeypatch.setitem(lora.DIAG_B, "enabled", diag_b)
+def test_a_folded_step_equals_the_sum_from_the_raw_tensors(items, expand, monkeypatch):
+    """The expand three ways: the C kernel (server/engine/expand_kernel.py), the masked GEMM over a
+    block-diagonal B, and one masked GEMM per member."""
+    if expand == "kernel" and not expand_kernel.available():
+        pytest.skip(f"the expand kernel does not build here: {expand_kernel.why_not()}")
+    monkeypatch.setitem(expand_kernel.EXPAND_KERNEL, "enabled", expand == "kernel")
+    monkeypatch.setitem(lora.DIAG_B, "enabled", expand == "b-diag")
     ctx, bases, members, adapters, weight, spans = _group()
     shrink = FoldedShrink(weight, None, members, spans)
     assert shrink.refresh()
@@ -78,6 +83,7 @@ def test_a_folded_step_equals_the_sum_from_the_raw_tensors(items, diag_b, monkey
     x = torch.randn(32, IN).to(torch.bfloat16)
     handled, y = _step(shrink, ctx, x, items)
     assert handled
+    assert shrink.kernel_uses == (1 if expand == "kernel" and any(items) else 0)
     expect = _reference(x, bases, adapters, items, spans)
     torch.testing.assert_close(y.float(), expect, atol=0.08, rtol=0.03)
     # not vacuous: the LoRA part is large against the tolerance

@@ -1,0 +1,344 @@
+"""The LoRA expand of a bf16 CPU step as one small C kernel (a CPU BGMV), built at first use.
+
+Why it exists: the folded shrink (lora.py) leaves each projection's LoRA as ``y += (u * mask)
+@ B``, u being every token's products with every resident adapter's A rows ([N, R]) and B the
+stacked expand rows ([R, out]). Done with torch that is a mask multiply and 5 oneDNN bf16 GEMMs
+per layer, and on this CPU a bf16 GEMM call costs 45-65 us before it does any work (a
+[64, 64] x [64, 64] product: 51 us; the same in fp32: 13 us), so the expands of a 64-row mixed
+decode step took about 25 ms for a few MFLOP. Here each token reads only its own slots' rows
+(the gather of SGMV/BGMV), their products are summed in fp32 onto the bf16 output with one
+rounding, and one call covers a whole projection group (q/k/v, gate/up) with no mask.
+
+How: AVX512-BF16's ``vdpbf16ps`` multiplies a pair of bf16 coefficients by a pair of bf16 B
+rows into fp32 lanes, so B is kept pair-interleaved (``interleave_pairs``) and 16 independent
+accumulators (256 columns) hide the instruction's latency. The coefficient of row j is
+``bf16(w * u[t, j])``, the rounding the masked GEMM applies too.
+
+Build: C without torch headers (about a second with gcc), explicit ISA flags rather than
+``-march=native`` so one build serves any CPU with the extensions (the CPU image builds it at
+image build time), into ``LORAPLEX_KERNEL_DIR`` or a per-user temp folder, keyed by a hash of
+the source and flags, published atomically. ``available()`` is False, with the reason logged
+once, when the CPU lacks the instructions, there is neither a library nor a compiler, or the
+build fails; callers then keep the GEMM path. Calls go through ctypes with raw pointers and
+element strides: CPU tensors only, bf16 rows with unit column stride.
+
+Knows nothing of adapters, slots or models: a token -> (slot, weight) table, per member a
+slot -> rows table, and three matrices.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
+EXPAND_KERNEL = {"enabled": True}
+
+#: steps with more tokens than this keep the GEMM, which uses both cores (the kernel is
+#: single-threaded; docs/benchmarks.md, seventh engine-v2 session, has the crossover)
+MAX_TOKENS = 128
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+/* B is stored pair-interleaved: rows 2p and 2p+1 of the [R, out] expand matrix become row p of
+   [P, out, 2] (P = ceil(R / 2); a missing last row is zero), the layout of AVX512-BF16's
+   dot-product instruction, which multiplies a pair of bf16 coefficients by a pair of bf16 rows
+   and adds both products into fp32 lanes. Strides in elements. */
+
+int lora_expand_fast(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+static inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+static inline void store16(uint16_t *p, __m512 v) {
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(v));
+}
+static inline uint16_t f32_bf16(float f) {
+    __m128 v = _mm_set_ss(f);
+    return (uint16_t)_mm_cvtsi128_si32((__m128i)_mm_cvtneps_pbh(v));
+}
+static inline float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
+
+#define MAXPAIRS 256
+
+#define BLOCK(NAME, NACC)                                                                         \
+static inline void NAME(uint16_t *yr, const uint32_t *coef, const uint16_t *const *pairs, int np, int64_t off) { \
+    __m512 a[NACC];                                                                               \
+    for (int i = 0; i < NACC; i++) a[i] = load16(yr + 16 * i);                                    \
+    for (int k = 0; k < np; k++) {                                                                \
+        __m512bh c = (__m512bh)_mm512_set1_epi32((int)coef[k]);                                   \
+        const uint16_t *r = pairs[k] + off;                                                       \
+        for (int i = 0; i < NACC; i++) a[i] = _mm512_dpbf16_ps(a[i], c, (__m512bh)_mm512_loadu_si512(r + 32 * i)); \
+    }                                                                                             \
+    for (int i = 0; i < NACC; i++) store16(yr + 16 * i, a[i]);                                    \
+}
+BLOCK(block16, 16)
+BLOCK(block4, 4)
+
+/* One member of a projection group: its output columns, its columns of u, its B (pair-
+   interleaved, row stride bs) and per slot its first row and rank there (rank 0: no rows). */
+typedef struct {
+    int64_t out, y_col, u_col;
+    const uint16_t *b2; int64_t bs;
+    const int32_t *start, *rank; int64_t nslots;
+} member_t;
+
+/* For every token t and member m, y[t, m.y_col : + m.out] += sum over t's segments s
+   (tok_ptr[t] <= s < tok_ptr[t+1]) of bf16(tok_w[s] * u[t, m.u_col + m.start[slot] + j]) *
+   B_m[m.start[slot] + j, :] for j < m.rank[slot], slot = tok_slot[s]; the products summed in
+   fp32 with y's value and rounded to bf16 once. Single-threaded: it runs between torch's
+   parallel regions, whose threads still spin. Strides in elements. */
+void lora_expand_bf16(int64_t n, uint16_t *y, int64_t ys, const uint16_t *u, int64_t us,
+                      const int32_t *tok_ptr, const int32_t *tok_slot, const float *tok_w,
+                      const member_t *members, int64_t nmembers) {
+    uint32_t coef[MAXPAIRS];
+    const uint16_t *pairs[MAXPAIRS];
+    for (int64_t t = 0; t < n; t++) {
+        for (int64_t mi = 0; mi < nmembers; mi++) {
+            const member_t *m = &members[mi];
+            const uint16_t *ur = u + t * us + m->u_col;
+            int32_t s = tok_ptr[t], s1 = tok_ptr[t + 1];
+            while (s < s1) {
+                int np = 0;
+                for (; s < s1; s++) {  /* gather this token's (coefficient pair, B pair row) */
+                    int32_t slot = tok_slot[s];
+                    if (slot < 0 || slot >= m->nslots || m->rank[slot] <= 0) continue;
+                    int32_t lo = m->start[slot], hi = m->start[slot] + m->rank[slot];
+                    int32_t p0 = lo >> 1, p1 = (hi + 1) >> 1;
+                    if (np + (p1 - p0) > MAXPAIRS) { if (np) break; s++; continue; }
+                    for (int32_t p = p0; p < p1; p++) {
+                        uint16_t c[2] = {0, 0};
+                        for (int half = 0; half < 2; half++) {
+                            int32_t j = 2 * p + half;
+                            if (j >= lo && j < hi) c[half] = f32_bf16(tok_w[s] * bf16_f32(ur[j]));
+                        }
+                        coef[np] = (uint32_t)c[0] | ((uint32_t)c[1] << 16);
+                        pairs[np] = m->b2 + (int64_t)p * m->bs;
+                        np++;
+                    }
+                }
+                if (np == 0) continue;
+                uint16_t *yr = y + t * ys + m->y_col;
+                const int64_t out = m->out;
+                int64_t o = 0;
+                /* 16 accumulators (256 columns) per pass: the dot products into one accumulator
+                   depend on each other, so independent ones hide the instruction's latency */
+                for (; o + 256 <= out; o += 256) block16(yr + o, coef, pairs, np, 2 * o);
+                for (; o + 64 <= out; o += 64) block4(yr + o, coef, pairs, np, 2 * o);
+                for (; o + 16 <= out; o += 16) {
+                    __m512 a0 = load16(yr + o);
+                    for (int k = 0; k < np; k++)
+                        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32((int)coef[k]), (__m512bh)_mm512_loadu_si512(pairs[k] + 2 * o));
+                    store16(yr + o, a0);
+                }
+                for (; o < out; o++) {
+                    float a = bf16_f32(yr[o]);
+                    for (int k = 0; k < np; k++)
+                        a += bf16_f32((uint16_t)coef[k]) * bf16_f32(pairs[k][2 * o]) + bf16_f32((uint16_t)(coef[k] >> 16)) * bf16_f32(pairs[k][2 * o + 1]);
+                    yr[o] = f32_bf16(a);
+                }
+            }
+        }
+    }
+}
+#else
+void lora_expand_bf16(void) {}
+#endif
+"""
+
+#: explicit ISA flags (not -march=native), so a library built once (the CPU image builds it at
+#: image build time) runs on any CPU with these extensions; ``_cpu_ok`` checks them at load
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared", "-fno-math-errno"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_why_not: str | None = None
+
+
+class _Member(ctypes.Structure):
+    _fields_ = [("out", ctypes.c_int64), ("y_col", ctypes.c_int64), ("u_col", ctypes.c_int64),
+                ("b2", ctypes.c_void_p), ("bs", ctypes.c_int64),
+                ("start", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("nslots", ctypes.c_int64)]
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("LORAPLEX_KERNEL_DIR") or os.path.join(tempfile.gettempdir(), f"loraplex-kernels-{os.getuid()}")
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    return base
+
+
+def _cpu_ok() -> str | None:
+    """None when this CPU has the kernel's instructions, else which are missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "no /proc/cpuinfo to check the CPU's instructions"
+    missing = [flag for flag in _CPU_FLAGS if flag not in flags]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def library_path() -> str:
+    """Where the built library lives: keyed by the source and the flags."""
+    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS)]).encode()).hexdigest()[:16]
+    return os.path.join(_cache_dir(), f"lora_expand_{key}.so")
+
+
+def _build() -> ctypes.CDLL:
+    missing = _cpu_ok()
+    if missing:
+        raise RuntimeError(missing)
+    path = library_path()
+    folder = os.path.dirname(path)
+    if not os.path.exists(path):
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if not cc:
+            raise RuntimeError(f"no C compiler (cc/gcc) on PATH and no prebuilt {path}")
+        fd, src = tempfile.mkstemp(suffix=".c", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(_SOURCE)
+        tmp = src[:-2] + ".so"
+        try:
+            done = subprocess.run([cc, *_FLAGS, "-o", tmp, src], capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
+            os.replace(tmp, path)  # atomic: concurrent builders each publish a whole file
+        finally:
+            for leftover in (src, tmp):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+    lib = ctypes.CDLL(path)
+    fn = lib.lora_expand_bf16
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ctypes.POINTER(_Member), i64]
+    fn.restype = None
+    if not lib.lora_expand_fast():
+        raise RuntimeError("the library was built without AVX512-BF16 (the kernel's dot-product instruction)")
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and loaded (builds it on the first call; False when that
+    fails: no compiler, a build error, a non-x86/Linux platform)."""
+    global _lib, _tried, _why_not
+    if _tried:
+        return _lib is not None
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _build()
+            except Exception as exc:  # noqa: BLE001 - any failure means: keep the GEMM path
+                _why_not = f"{type(exc).__name__}: {exc}"
+                log.warning("LoRA expand kernel unavailable (%s); mixed steps keep the oneDNN GEMM", _why_not)
+            _tried = True
+    return _lib is not None
+
+
+def why_not() -> str | None:
+    """Why ``available()`` is False (None when it is True or was not asked yet)."""
+    return _why_not
+
+
+def usable(n_tokens: int, y: torch.Tensor) -> bool:
+    """Whether a step of ``n_tokens`` writing ``y`` should take the kernel."""
+    return EXPAND_KERNEL["enabled"] and n_tokens <= MAX_TOKENS and y.dtype == torch.bfloat16 and y.device.type == "cpu" and available()
+
+
+def interleave_pairs(b: torch.Tensor) -> torch.Tensor:
+    """The kernel's layout of an expand matrix: b [R, out] -> [ceil(R / 2), 2 * out], rows 2p and
+    2p + 1 interleaved element by element (a zero row appended when R is odd)."""
+    rows, out = b.shape
+    if rows % 2:
+        b = torch.cat([b, b.new_zeros(1, out)])
+    return b.reshape(-1, 2, out).transpose(1, 2).contiguous().reshape(-1, 2 * out)
+
+
+class ExpandPlan:
+    """The expand of one projection group (q/k/v, gate/up, or a lone projection), ready to call:
+    per member its output columns ``[y_col, y_col + out)``, its columns of u from ``u_col``, its
+    expand rows ``B [R_m, out]`` and per slot ``(first row, rank)`` there. Holds the pair-
+    interleaved B copies and the tables, so their pointers stay valid while the plan lives.
+
+    ``members``: ``(y_col, u_col, B, rows)`` with ``rows`` = {slot: (first, rank)}."""
+
+    def __init__(self, members: list[tuple[int, int, torch.Tensor, dict[int, tuple[int, int]]]]) -> None:
+        self._keep: list[torch.Tensor] = []
+        structs = []
+        for y_col, u_col, b, rows in members:
+            if not rows:
+                continue
+            assert b.dtype == torch.bfloat16 and b.device.type == "cpu", "bf16 CPU rows only"
+            b2 = interleave_pairs(b)
+            size = max(rows) + 1
+            start = torch.zeros(size, dtype=torch.int32)
+            rank = torch.zeros(size, dtype=torch.int32)
+            for slot, (first, count) in rows.items():
+                assert 0 <= first and first + count <= b.shape[0], f"slot {slot}: rows {first}+{count} past B's {b.shape[0]}"
+                start[slot], rank[slot] = first, count
+            self._keep += [b2, start, rank]
+            structs.append(_Member(b.shape[1], y_col, u_col, b2.data_ptr(), b2.stride(0), start.data_ptr(), rank.data_ptr(), size))
+        self.width = max((m.y_col + m.out for m in structs), default=0)  # y columns the plan writes
+        self.u_width = max((u_col + b.shape[0] for (y_col, u_col, b, rows) in members if rows), default=0)
+        self._members = (_Member * max(len(structs), 1))(*structs)
+        self._count = len(structs)
+
+    def run(self, y: torch.Tensor, u: torch.Tensor, tokens: "TokenSegments") -> None:
+        """``y[t, member columns] += sum_s bf16(w_s * u[t, rows_s]) @ B[rows_s]`` in place, for
+        each token t, each member and each of t's segments s = (slot_s, w_s), rows_s that slot's
+        rows in the member. y [N, >= width] and u [N, >= u_width] bf16 with unit column strides
+        (row strides may be anything: both may be column slices of one GEMM output)."""
+        if _lib is None and not available():
+            raise RuntimeError(f"the LoRA expand kernel is unavailable: {_why_not}")
+        n = y.shape[0]
+        if not (y.dtype == u.dtype == torch.bfloat16 and y.stride(1) == 1 and u.stride(1) == 1 and u.shape[0] == n == tokens.n
+                and y.shape[1] >= self.width and u.shape[1] >= self.u_width and y.device.type == "cpu"):
+            raise ValueError(f"expand: y {tuple(y.shape)} {y.dtype} and u {tuple(u.shape)} {u.dtype} do not fit this plan ({tokens.n} tokens, width {self.width}, u width {self.u_width})")
+        _lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count)
+
+
+class TokenSegments:
+    """A step's token -> (slot, weight) segments in CSR form, the kernel's view of a batch:
+    ``ptr`` int32 [N + 1], ``slot`` int32 [S], ``weight`` fp32 [S]; base tokens (slot 0) and
+    zero weights have no segment."""
+
+    def __init__(self, rows: list[list[tuple[int, float]]]) -> None:
+        ptr, slots, weights = [0], [], []
+        for row in rows:
+            for slot, weight in row:
+                if slot and weight:
+                    slots.append(slot)
+                    weights.append(weight)
+            ptr.append(len(slots))
+        self.n = len(rows)
+        self.ptr = torch.tensor(ptr, dtype=torch.int32)
+        self.slot = torch.tensor(slots or [0], dtype=torch.int32)
+        self.weight = torch.tensor(weights or [0.0], dtype=torch.float32)
+        self.pointers = (self.ptr.data_ptr(), self.slot.data_ptr(), self.weight.data_ptr())
+
+
+if __name__ == "__main__":  # `python -m loraplex.server.engine.expand_kernel`: build now (the CPU image does, with LORAPLEX_KERNEL_DIR set)
+    if not available():
+        raise SystemExit(f"expand kernel not built: {why_not()}")
+    print(library_path())

@@ -1,0 +1,113 @@
+"""The C expand kernel (server/engine/expand_kernel.py) against a float64 sum computed here from
+the raw tensors: every column path (256- and 64-column blocks, 16-column steps, the scalar tail),
+odd row starts and ranks (pairs shared by two slots), weighted mixes, a slot named twice, base
+tokens, a slot missing from one member, and y/u as column slices of one GEMM output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraplex.server.engine import expand_kernel
+
+pytestmark = pytest.mark.skipif(not expand_kernel.available(), reason=f"the expand kernel does not build here: {expand_kernel.why_not()}")
+
+BF16_ULP = 2.0**-7  # bf16 keeps 8 significant bits: one rounding is within 2^-8 relative, two within 2^-7
+
+
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(torch.float64)
+
+
+def _reference(y0, u, members, items):
+    """bf16(y + sum bf16(w * u[t, u_col + j]) * B[j]) in float64, the kernel's contract."""
+    y = y0.to(torch.float64).clone()
+    for t, item in enumerate(items):
+        pairs = [(item, 1.0)] if isinstance(item, int) else item
+        merged: dict[int, float] = {}
+        for slot, weight in pairs:
+            if slot:
+                merged[slot] = merged.get(slot, 0.0) + weight
+        for y_col, u_col, b, rows in members:
+            for slot, weight in merged.items():
+                if slot not in rows:
+                    continue
+                first, count = rows[slot]
+                coef = _bf16(weight * u[t, u_col + first : u_col + first + count].double())  # [count]
+                y[t, y_col : y_col + b.shape[1]] += coef @ b[first : first + count].double()
+    return y
+
+
+def _case(n, outs, layouts, seed=0):
+    """One GEMM-like output buffer [n, sum(outs) + R] holding y then u, and the members."""
+    g = torch.Generator().manual_seed(seed)
+    rows_total = [max((f + c for f, c in rows.values()), default=0) for rows in layouts]
+    width, r = sum(outs), sum(rows_total)
+    full = (torch.randn(n, width + r, generator=g) * 2).to(torch.bfloat16)
+    members, y_col, u_col = [], 0, width
+    for out, rows, total in zip(outs, layouts, rows_total):
+        b = (torch.randn(total, out, generator=g) * 0.5).to(torch.bfloat16)
+        members.append((y_col, u_col - width, b, rows))
+        y_col += out
+        u_col += total
+    return full, width, members
+
+
+# member layouts: slot -> (first row, rank); odd starts and ranks share a pair between two slots
+LAYOUT_A = {1: (0, 8), 2: (8, 3), 3: (11, 16), 5: (27, 1)}
+LAYOUT_B = {1: (0, 8), 3: (8, 16), 5: (24, 1)}  # slot 2 does not target this member
+
+
+@pytest.mark.parametrize("outs", [(256 + 64 + 16 + 5, 24), (576, 192), (1, 37)], ids=["every-column-path", "q-k-like", "narrow"])
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_the_kernel_equals_the_float64_sum(outs, n):
+    full, width, members = _case(n, outs, [LAYOUT_A, LAYOUT_B], seed=n)
+    items = [[1, 2, 3, 0, 5, ((1, 0.7), (3, 0.3)), ((2, -0.5), (2, 1.25), (5, 2.0)), ((3, 1.0), (0, 4.0))][i % 8] for i in range(n)]
+    y, u = full[:, :width], full[:, width:]
+    y0 = y.clone()
+    expect = _reference(y0, u, members, items)
+    plan = expand_kernel.ExpandPlan(members)
+    merged_rows = []  # TokenSegments takes merged (slot, weight) pairs, as LoraBatchContext.segments builds them
+    for it in items:
+        merged: dict[int, float] = {}
+        for slot, weight in ([(it, 1.0)] if isinstance(it, int) else it):
+            if slot:
+                merged[slot] = merged.get(slot, 0.0) + weight
+        merged_rows.append(list(merged.items()))
+    segments = expand_kernel.TokenSegments(merged_rows)
+    u_before = u.clone()
+    plan.run(y, u, segments)
+    torch.testing.assert_close(y.double(), _bf16(expect), rtol=BF16_ULP, atol=1e-6)
+    assert torch.equal(u, u_before)  # u (the same buffer's other columns) is read, never written
+    lora = (expect - y0.double()).abs().max()
+    assert n == 1 or float(lora) > 1.0  # not vacuous: the LoRA part is large against the tolerance
+
+
+def test_a_token_without_segments_is_left_bit_for_bit():
+    full, width, members = _case(5, (300, 40), [LAYOUT_A, LAYOUT_B])
+    y, u = full[:, :width], full[:, width:]
+    before = y.clone()
+    expand_kernel.ExpandPlan(members).run(y, u, expand_kernel.TokenSegments([[], [(1, 1.0)], [], [(4, 1.0)], [(5, 0.0)]]))
+    for t in (0, 2, 3, 4):  # no segment; slot 4 has no rows in either member; weight 0 is dropped
+        assert torch.equal(y[t], before[t]), t
+    assert not torch.equal(y[1], before[1])
+
+
+def test_a_plan_refuses_a_y_it_does_not_fit():
+    full, width, members = _case(4, (64, 32), [LAYOUT_A, LAYOUT_B])
+    plan = expand_kernel.ExpandPlan(members)
+    segments = expand_kernel.TokenSegments([[(1, 1.0)]] * 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        plan.run(full[:, :50], full[:, width:], segments)  # y narrower than the members' columns
+    with pytest.raises(ValueError, match="do not fit"):
+        plan.run(full[:, :width].float(), full[:, width:], segments)  # not bf16
+    with pytest.raises(ValueError, match="do not fit"):
+        plan.run(full[:3, :width], full[:3, width:], segments)  # 3 rows for 4 tokens
+
+
+def test_interleave_pairs_puts_rows_2p_and_2p_plus_1_side_by_side():
+    b = torch.arange(3 * 4, dtype=torch.float32).reshape(3, 4).to(torch.bfloat16)
+    got = expand_kernel.interleave_pairs(b)
+    assert got.shape == (2, 8)
+    assert got[0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
+    assert got[1].tolist() == [8, 0, 9, 0, 10, 0, 11, 0]  # odd row count: a zero row appended
