@@ -44,9 +44,10 @@ log = logging.getLogger(__name__)
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 EXPAND_KERNEL = {"enabled": True}
 
-#: steps with more tokens than this keep the GEMM, which uses both cores (the kernel is
-#: single-threaded; docs/benchmarks.md, seventh engine-v2 session, has the crossover)
-MAX_TOKENS = 128
+#: steps with more tokens than this keep the GEMM. The kernel is single-threaded and the GEMM
+#: uses both cores, yet 512-token prefill steps measured faster with the kernel
+#: (docs/benchmarks.md, seventh engine-v2 session); larger steps were not measured
+MAX_TOKENS = 1024
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -80,20 +81,47 @@ static inline uint16_t f32_bf16(float f) {
 static inline float bf16_f32(uint16_t h) { uint32_t b = (uint32_t)h << 16; float f; memcpy(&f, &b, 4); return f; }
 
 #define MAXPAIRS 256
+#define MAXGROUP 4
 
-#define BLOCK(NAME, NACC)                                                                         \
-static inline void NAME(uint16_t *yr, const uint32_t *coef, const uint16_t *const *pairs, int np, int64_t off) { \
-    __m512 a[NACC];                                                                               \
-    for (int i = 0; i < NACC; i++) a[i] = load16(yr + 16 * i);                                    \
+/* NT tokens sharing their B rows, 64 columns: each pair of B rows is loaded once and used by
+   every token's 4 accumulators (NT * 4 independent accumulators hide the instruction latency;
+   sharing the loads cuts the L2 reads the kernel is bound by when tokens repeat an adapter). */
+#define BLOCKT(NAME, NT)                                                                          \
+static inline void NAME(uint16_t *const *yr, uint32_t (*coef)[MAXPAIRS], const uint16_t *const *pairs, int np, int64_t o) { \
+    __m512 a[NT][4];                                                                              \
+    for (int g = 0; g < NT; g++)                                                                  \
+        for (int i = 0; i < 4; i++) a[g][i] = load16(yr[g] + o + 16 * i);                         \
     for (int k = 0; k < np; k++) {                                                                \
-        __m512bh c = (__m512bh)_mm512_set1_epi32((int)coef[k]);                                   \
-        const uint16_t *r = pairs[k] + off;                                                       \
-        for (int i = 0; i < NACC; i++) a[i] = _mm512_dpbf16_ps(a[i], c, (__m512bh)_mm512_loadu_si512(r + 32 * i)); \
+        const uint16_t *r = pairs[k] + 2 * o;                                                     \
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(r), b1 = (__m512bh)_mm512_loadu_si512(r + 32); \
+        __m512bh b2 = (__m512bh)_mm512_loadu_si512(r + 64), b3 = (__m512bh)_mm512_loadu_si512(r + 96); \
+        for (int g = 0; g < NT; g++) {                                                            \
+            __m512bh c = (__m512bh)_mm512_set1_epi32((int)coef[g][k]);                            \
+            a[g][0] = _mm512_dpbf16_ps(a[g][0], c, b0);                                           \
+            a[g][1] = _mm512_dpbf16_ps(a[g][1], c, b1);                                           \
+            a[g][2] = _mm512_dpbf16_ps(a[g][2], c, b2);                                           \
+            a[g][3] = _mm512_dpbf16_ps(a[g][3], c, b3);                                           \
+        }                                                                                         \
     }                                                                                             \
-    for (int i = 0; i < NACC; i++) store16(yr + 16 * i, a[i]);                                    \
+    for (int g = 0; g < NT; g++)                                                                  \
+        for (int i = 0; i < 4; i++) store16(yr[g] + o + 16 * i, a[g][i]);                         \
 }
-BLOCK(block16, 16)
-BLOCK(block4, 4)
+BLOCKT(block_t1, 1)
+BLOCKT(block_t2, 2)
+BLOCKT(block_t3, 3)
+BLOCKT(block_t4, 4)
+
+/* One token, 256 columns with 16 accumulators (a token alone: nothing to share the loads with). */
+static inline void block16(uint16_t *yr, const uint32_t *coef, const uint16_t *const *pairs, int np, int64_t o) {
+    __m512 a[16];
+    for (int i = 0; i < 16; i++) a[i] = load16(yr + o + 16 * i);
+    for (int k = 0; k < np; k++) {
+        __m512bh c = (__m512bh)_mm512_set1_epi32((int)coef[k]);
+        const uint16_t *r = pairs[k] + 2 * o;
+        for (int i = 0; i < 16; i++) a[i] = _mm512_dpbf16_ps(a[i], c, (__m512bh)_mm512_loadu_si512(r + 32 * i));
+    }
+    for (int i = 0; i < 16; i++) store16(yr + o + 16 * i, a[i]);
+}
 
 /* One member of a projection group: its output columns, its columns of u, its B (pair-
    interleaved, row stride bs) and per slot its first row and rank there (rank 0: no rows). */
@@ -103,59 +131,97 @@ typedef struct {
     const int32_t *start, *rank; int64_t nslots;
 } member_t;
 
+static inline void prefetch_rows(const member_t *m, const int32_t *tok_ptr, const int32_t *tok_slot, int32_t t) {
+    for (int32_t s = tok_ptr[t]; s < tok_ptr[t + 1]; s++) {
+        int32_t slot = tok_slot[s];
+        if (slot < 0 || slot >= m->nslots || m->rank[slot] <= 0) continue;
+        int32_t p0 = m->start[slot] >> 1, p1 = (m->start[slot] + m->rank[slot] + 1) >> 1;
+        for (int32_t p = p0; p < p1; p++) {
+            const char *row = (const char *)(m->b2 + (int64_t)p * m->bs);
+            for (int64_t off = 0; off < 4 * m->out; off += 64) _mm_prefetch(row + off, _MM_HINT_T1);
+        }
+    }
+}
+
 /* For every token t and member m, y[t, m.y_col : + m.out] += sum over t's segments s
    (tok_ptr[t] <= s < tok_ptr[t+1]) of bf16(tok_w[s] * u[t, m.u_col + m.start[slot] + j]) *
    B_m[m.start[slot] + j, :] for j < m.rank[slot], slot = tok_slot[s]; the products summed in
-   fp32 with y's value and rounded to bf16 once. Single-threaded: it runs between torch's
-   parallel regions, whose threads still spin. Strides in elements. */
+   fp32 with y's value and rounded to bf16 once.
+   Tokens come in groups (grp_tok[grp_ptr[i] .. grp_ptr[i+1]), at most MAXGROUP) whose segments
+   are identical, so a group reads each B row once; any grouping gives the same result.
+   Single-threaded: it runs between torch's parallel regions, whose threads still spin.
+   Strides in elements. */
 void lora_expand_bf16(int64_t n, uint16_t *y, int64_t ys, const uint16_t *u, int64_t us,
                       const int32_t *tok_ptr, const int32_t *tok_slot, const float *tok_w,
+                      const int32_t *grp_ptr, const int32_t *grp_tok, int64_t ngroups,
                       const member_t *members, int64_t nmembers) {
-    uint32_t coef[MAXPAIRS];
+    static __thread uint32_t coef[MAXGROUP][MAXPAIRS];
     const uint16_t *pairs[MAXPAIRS];
-    for (int64_t t = 0; t < n; t++) {
+    uint16_t *yr[MAXGROUP];
+    const uint16_t *ur[MAXGROUP];
+    for (int64_t gi = 0; gi < ngroups; gi++) {
+        int nt = grp_ptr[gi + 1] - grp_ptr[gi];
+        if (nt <= 0) continue;
+        if (nt > MAXGROUP) nt = MAXGROUP;  /* never built that way */
+        const int32_t *toks = grp_tok + grp_ptr[gi];
+        const int32_t t0 = toks[0];
         for (int64_t mi = 0; mi < nmembers; mi++) {
             const member_t *m = &members[mi];
-            const uint16_t *ur = u + t * us + m->u_col;
-            int32_t s = tok_ptr[t], s1 = tok_ptr[t + 1];
+            for (int g = 0; g < nt; g++) {
+                ur[g] = u + (int64_t)toks[g] * us + m->u_col;
+                yr[g] = y + (int64_t)toks[g] * ys + m->y_col;
+            }
+            if (gi + 1 < ngroups)  /* the next group's B rows toward L2 while this one computes */
+                prefetch_rows(m, tok_ptr, tok_slot, grp_tok[grp_ptr[gi + 1]]);
+            int32_t s = tok_ptr[t0], s1 = tok_ptr[t0 + 1];
             while (s < s1) {
                 int np = 0;
-                for (; s < s1; s++) {  /* gather this token's (coefficient pair, B pair row) */
+                for (; s < s1; s++) {  /* gather the group's (coefficient pairs, B pair row) */
                     int32_t slot = tok_slot[s];
                     if (slot < 0 || slot >= m->nslots || m->rank[slot] <= 0) continue;
                     int32_t lo = m->start[slot], hi = m->start[slot] + m->rank[slot];
                     int32_t p0 = lo >> 1, p1 = (hi + 1) >> 1;
                     if (np + (p1 - p0) > MAXPAIRS) { if (np) break; s++; continue; }
                     for (int32_t p = p0; p < p1; p++) {
-                        uint16_t c[2] = {0, 0};
-                        for (int half = 0; half < 2; half++) {
-                            int32_t j = 2 * p + half;
-                            if (j >= lo && j < hi) c[half] = f32_bf16(tok_w[s] * bf16_f32(ur[j]));
+                        for (int g = 0; g < nt; g++) {
+                            uint16_t c[2] = {0, 0};
+                            for (int half = 0; half < 2; half++) {
+                                int32_t j = 2 * p + half;
+                                if (j >= lo && j < hi) c[half] = f32_bf16(tok_w[s] * bf16_f32(ur[g][j]));
+                            }
+                            coef[g][np] = (uint32_t)c[0] | ((uint32_t)c[1] << 16);
                         }
-                        coef[np] = (uint32_t)c[0] | ((uint32_t)c[1] << 16);
                         pairs[np] = m->b2 + (int64_t)p * m->bs;
                         np++;
                     }
                 }
                 if (np == 0) continue;
-                uint16_t *yr = y + t * ys + m->y_col;
                 const int64_t out = m->out;
                 int64_t o = 0;
-                /* 16 accumulators (256 columns) per pass: the dot products into one accumulator
-                   depend on each other, so independent ones hide the instruction's latency */
-                for (; o + 256 <= out; o += 256) block16(yr + o, coef, pairs, np, 2 * o);
-                for (; o + 64 <= out; o += 64) block4(yr + o, coef, pairs, np, 2 * o);
-                for (; o + 16 <= out; o += 16) {
-                    __m512 a0 = load16(yr + o);
-                    for (int k = 0; k < np; k++)
-                        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32((int)coef[k]), (__m512bh)_mm512_loadu_si512(pairs[k] + 2 * o));
-                    store16(yr + o, a0);
+                if (nt == 1)
+                    for (; o + 256 <= out; o += 256) block16(yr[0], coef[0], pairs, np, o);
+                for (; o + 64 <= out; o += 64) {
+                    switch (nt) {
+                        case 1: block_t1(yr, coef, pairs, np, o); break;
+                        case 2: block_t2(yr, coef, pairs, np, o); break;
+                        case 3: block_t3(yr, coef, pairs, np, o); break;
+                        default: block_t4(yr, coef, pairs, np, o); break;
+                    }
                 }
-                for (; o < out; o++) {
-                    float a = bf16_f32(yr[o]);
-                    for (int k = 0; k < np; k++)
-                        a += bf16_f32((uint16_t)coef[k]) * bf16_f32(pairs[k][2 * o]) + bf16_f32((uint16_t)(coef[k] >> 16)) * bf16_f32(pairs[k][2 * o + 1]);
-                    yr[o] = f32_bf16(a);
+                for (int g = 0; g < nt; g++) {
+                    int64_t oo = o;
+                    for (; oo + 16 <= out; oo += 16) {
+                        __m512 a0 = load16(yr[g] + oo);
+                        for (int k = 0; k < np; k++)
+                            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_set1_epi32((int)coef[g][k]), (__m512bh)_mm512_loadu_si512(pairs[k] + 2 * oo));
+                        store16(yr[g] + oo, a0);
+                    }
+                    for (; oo < out; oo++) {
+                        float a = bf16_f32(yr[g][oo]);
+                        for (int k = 0; k < np; k++)
+                            a += bf16_f32((uint16_t)coef[g][k]) * bf16_f32(pairs[k][2 * oo]) + bf16_f32((uint16_t)(coef[g][k] >> 16)) * bf16_f32(pairs[k][2 * oo + 1]);
+                        yr[g][oo] = f32_bf16(a);
+                    }
                 }
             }
         }
@@ -232,7 +298,7 @@ def _build() -> ctypes.CDLL:
     lib = ctypes.CDLL(path)
     fn = lib.lora_expand_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ctypes.POINTER(_Member), i64]
+    fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.POINTER(_Member), i64]
     fn.restype = None
     if not lib.lora_expand_fast():
         raise RuntimeError("the library was built without AVX512-BF16 (the kernel's dot-product instruction)")
@@ -261,9 +327,10 @@ def why_not() -> str | None:
     return _why_not
 
 
-def usable(n_tokens: int, y: torch.Tensor) -> bool:
-    """Whether a step of ``n_tokens`` writing ``y`` should take the kernel."""
-    return EXPAND_KERNEL["enabled"] and n_tokens <= MAX_TOKENS and y.dtype == torch.bfloat16 and y.device.type == "cpu" and available()
+def usable(n_tokens: int) -> bool:
+    """Whether a step of ``n_tokens`` should take an existing plan (a plan exists only where the
+    kernel is available, for bf16 CPU tensors; ``ExpandPlan.run`` checks them again)."""
+    return n_tokens <= MAX_TOKENS and EXPAND_KERNEL["enabled"]
 
 
 def interleave_pairs(b: torch.Tensor) -> torch.Tensor:
@@ -318,10 +385,15 @@ class ExpandPlan:
         _lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count)
 
 
+#: tokens per group sharing B reads (the C side's MAXGROUP)
+GROUP = 4
+
+
 class TokenSegments:
     """A step's token -> (slot, weight) segments in CSR form, the kernel's view of a batch:
     ``ptr`` int32 [N + 1], ``slot`` int32 [S], ``weight`` fp32 [S]; base tokens (slot 0) and
-    zero weights have no segment."""
+    zero weights have no segment. Tokens with identical segments are also listed in groups of
+    at most ``GROUP`` (``grp_ptr``, ``grp_tok``), which the kernel runs together."""
 
     def __init__(self, rows: list[list[tuple[int, float]]]) -> None:
         ptr, slots, weights = [0], [], []
@@ -331,11 +403,25 @@ class TokenSegments:
                     slots.append(slot)
                     weights.append(weight)
             ptr.append(len(slots))
+        # tokens with identical segments, in groups of at most GROUP: a group reads B once
+        same: dict[tuple, list[int]] = {}
+        for t, row in enumerate(rows):
+            key = tuple((slot, weight) for slot, weight in row if slot and weight)
+            if key:
+                same.setdefault(key, []).append(t)
+        grp_ptr, grp_tok = [0], []
+        for tokens in same.values():
+            for i in range(0, len(tokens), GROUP):
+                grp_tok.extend(tokens[i : i + GROUP])
+                grp_ptr.append(len(grp_tok))
         self.n = len(rows)
         self.ptr = torch.tensor(ptr, dtype=torch.int32)
         self.slot = torch.tensor(slots or [0], dtype=torch.int32)
         self.weight = torch.tensor(weights or [0.0], dtype=torch.float32)
-        self.pointers = (self.ptr.data_ptr(), self.slot.data_ptr(), self.weight.data_ptr())
+        self.grp_ptr = torch.tensor(grp_ptr, dtype=torch.int32)
+        self.grp_tok = torch.tensor(grp_tok or [0], dtype=torch.int32)
+        self.pointers = (self.ptr.data_ptr(), self.slot.data_ptr(), self.weight.data_ptr(),
+                         self.grp_ptr.data_ptr(), self.grp_tok.data_ptr(), len(grp_ptr) - 1)
 
 
 if __name__ == "__main__":  # `python -m loraplex.server.engine.expand_kernel`: build now (the CPU image does, with LORAPLEX_KERNEL_DIR set)

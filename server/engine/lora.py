@@ -663,7 +663,7 @@ class Fold:
     versions: tuple[int, ...]  # each member's rows version when built (a write or clear bumps it)
     rows: tuple[int, ...]  # hi_i: block-0 rows folded per member (0 = none)
     owners: tuple[tuple[int, ...], ...]  # per member: the slot owning each folded row (0 = free)
-    b_diag: torch.Tensor | None  # [R, width]: each member's B rows [0, hi_i) in its own columns (groups only)
+    b_diag: torch.Tensor | None  # [R, width]: each member's B rows [0, hi_i) in its own columns (groups only; with a kernel plan, built on the GEMM path's first use)
     kernel: expand_kernel.ExpandPlan | None = None  # the expand as one kernel call (bf16 CPU, compiler present), or None
     plans: dict = field(default_factory=dict, compare=False)  # ctx.used -> (layout key, columns [R]) or None
 
@@ -747,14 +747,6 @@ class FoldedShrink:
             return False
         width = int(self.weight.shape[0])
         bias = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(sum(rows))])
-        b_diag = None
-        if len(self.modules) > 1 and sum(rows) * self.spans[-1][1] * folded.element_size() <= FOLD_DIAG_MAX_BYTES:
-            b_diag = torch.zeros(sum(rows), self.spans[-1][1], dtype=folded.dtype, device=folded.device)
-            r0 = 0
-            for module, (lo, hi_col), hi in zip(self.modules, self.spans, rows):
-                if hi:
-                    b_diag[r0 : r0 + hi, lo:hi_col] = module.blocks[0][1][:hi]
-                r0 += hi
         kernel = None
         if folded.dtype == torch.bfloat16 and folded.device.type == "cpu" and expand_kernel.available():
             members, r0 = [], 0
@@ -764,8 +756,25 @@ class FoldedShrink:
                     members.append((lo, r0, module.blocks[0][1][:hi], slots))
                 r0 += hi
             kernel = expand_kernel.ExpandPlan(members)
+        # the block-diagonal B serves the GEMM expand; with the kernel it is built only if that
+        # path runs (the kernel switched off for an A/B run): memory for nothing otherwise
+        b_diag = self._diag(rows) if kernel is None else None
         self.fold = Fold(packed=packed, bias=bias, width=width, versions=versions, rows=tuple(rows), owners=tuple(owners), b_diag=b_diag, kernel=kernel)
         return True
+
+    def _diag(self, rows: Sequence[int]) -> torch.Tensor | None:
+        """[R, width]: each member's B rows [0, hi_i) in its own columns (groups within
+        ``FOLD_DIAG_MAX_BYTES`` only), or None."""
+        first = self.modules[0].blocks[0][1]
+        if len(self.modules) == 1 or sum(rows) * self.spans[-1][1] * first.element_size() > FOLD_DIAG_MAX_BYTES:
+            return None
+        b_diag = torch.zeros(sum(rows), self.spans[-1][1], dtype=first.dtype, device=first.device)
+        r0 = 0
+        for module, (lo, hi_col), hi in zip(self.modules, self.spans, rows):
+            if hi:
+                b_diag[r0 : r0 + hi, lo:hi_col] = module.blocks[0][1][:hi]
+            r0 += hi
+        return b_diag
 
     def _plan(self, fold: Fold, ctx: LoraBatchContext) -> tuple | None:
         """(layout key, columns [R]) for this step's used slots, or None when a used slot's rows
@@ -802,7 +811,7 @@ class FoldedShrink:
         if plan is None:
             return False
         key, columns, first = plan
-        if fold.kernel is not None and expand_kernel.usable(u.shape[0], y):
+        if fold.kernel is not None and expand_kernel.usable(u.shape[0]):
             # each token reads only its own slots' rows: no mask, one call for the whole group
             fold.kernel.run(y, u, ctx.segments())
             self.uses += 1
@@ -812,6 +821,8 @@ class FoldedShrink:
             u.mul_(first)
         else:
             u.mul_(ctx.mask(key, columns, u.dtype))  # [N, R]: each token's own slots' rows, weighted
+        if fold.b_diag is None and fold.kernel is not None and DIAG_B["enabled"]:
+            object.__setattr__(fold, "b_diag", self._diag(fold.rows))  # the GEMM path with a kernel plan: an A/B run, or a step past MAX_TOKENS
         if fold.b_diag is not None and DIAG_B["enabled"] and _diag_wins(u.shape[0], fold.rows, self.spans, u.element_size()):
             y.addmm_(u, fold.b_diag)  # [N, width] += [N, R] @ [R, width]
         else:

@@ -59,7 +59,7 @@ LAYOUT_B = {1: (0, 8), 3: (8, 16), 5: (24, 1)}  # slot 2 does not target this me
 
 
 @pytest.mark.parametrize("outs", [(256 + 64 + 16 + 5, 24), (576, 192), (1, 37)], ids=["every-column-path", "q-k-like", "narrow"])
-@pytest.mark.parametrize("n", [1, 7, 64])
+@pytest.mark.parametrize("n", [1, 7, 19, 64])  # 19: groups of 2 and 3 tokens sharing segments; 64: groups of 4
 def test_the_kernel_equals_the_float64_sum(outs, n):
     full, width, members = _case(n, outs, [LAYOUT_A, LAYOUT_B], seed=n)
     items = [[1, 2, 3, 0, 5, ((1, 0.7), (3, 0.3)), ((2, -0.5), (2, 1.25), (5, 2.0)), ((3, 1.0), (0, 4.0))][i % 8] for i in range(n)]
