@@ -250,8 +250,13 @@ class _Member(ctypes.Structure):
 
 
 def _cache_dir() -> str:
+    """``LORAPLEX_KERNEL_DIR`` (the CPU image's prebuilt library) or a per-user temp folder, which
+    must be this user's and closed to others: a library found there is loaded into the process."""
     base = os.environ.get("LORAPLEX_KERNEL_DIR") or os.path.join(tempfile.gettempdir(), f"loraplex-kernels-{os.getuid()}")
     os.makedirs(base, mode=0o700, exist_ok=True)
+    info = os.stat(base)
+    if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
+        raise RuntimeError(f"{base} is not owned by this user or is writable by others: not loading code from it")
     return base
 
 
@@ -272,30 +277,37 @@ def library_path() -> str:
     return os.path.join(_cache_dir(), f"lora_expand_{key}.so")
 
 
-def _build() -> ctypes.CDLL:
+def build() -> str:
+    """Compile the library unless it exists (whatever this CPU is: the flags name the ISA);
+    returns its path. Concurrent builders each publish a whole file (atomic rename)."""
+    path = library_path()
+    if os.path.exists(path):
+        return path
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError(f"no C compiler (cc/gcc) on PATH and no prebuilt {path}")
+    fd, src = tempfile.mkstemp(suffix=".c", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(_SOURCE)
+    tmp = src[:-2] + ".so"
+    try:
+        done = subprocess.run([cc, *_FLAGS, "-o", tmp, src], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (src, tmp):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return path
+
+
+def _load() -> ctypes.CDLL:
     missing = _cpu_ok()
     if missing:
         raise RuntimeError(missing)
-    path = library_path()
-    folder = os.path.dirname(path)
-    if not os.path.exists(path):
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if not cc:
-            raise RuntimeError(f"no C compiler (cc/gcc) on PATH and no prebuilt {path}")
-        fd, src = tempfile.mkstemp(suffix=".c", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            f.write(_SOURCE)
-        tmp = src[:-2] + ".so"
-        try:
-            done = subprocess.run([cc, *_FLAGS, "-o", tmp, src], capture_output=True, text=True, timeout=120)
-            if done.returncode != 0:
-                raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
-            os.replace(tmp, path)  # atomic: concurrent builders each publish a whole file
-        finally:
-            for leftover in (src, tmp):
-                if os.path.exists(leftover):
-                    os.unlink(leftover)
-    lib = ctypes.CDLL(path)
+    lib = ctypes.CDLL(build())
     fn = lib.lora_expand_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.POINTER(_Member), i64]
@@ -314,7 +326,7 @@ def available() -> bool:
     with _lock:
         if not _tried:
             try:
-                _lib = _build()
+                _lib = _load()
             except Exception as exc:  # noqa: BLE001 - any failure means: keep the GEMM path
                 _why_not = f"{type(exc).__name__}: {exc}"
                 log.warning("LoRA expand kernel unavailable (%s); mixed steps keep the oneDNN GEMM", _why_not)
@@ -425,6 +437,4 @@ class TokenSegments:
 
 
 if __name__ == "__main__":  # `python -m loraplex.server.engine.expand_kernel`: build now (the CPU image does, with LORAPLEX_KERNEL_DIR set)
-    if not available():
-        raise SystemExit(f"expand kernel not built: {why_not()}")
-    print(library_path())
+    print(build())

@@ -111,3 +111,34 @@ def test_interleave_pairs_puts_rows_2p_and_2p_plus_1_side_by_side():
     assert got.shape == (2, 8)
     assert got[0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
     assert got[1].tolist() == [8, 0, 9, 0, 10, 0, 11, 0]  # odd row count: a zero row appended
+
+
+def test_a_kernel_folder_others_can_write_is_refused_and_the_gemm_path_stays(tmp_path, monkeypatch):
+    """A library found in the kernel folder is loaded into the server: a folder writable by
+    others (a planted library) is refused, with the reason, and ``available()`` is False."""
+    folder = tmp_path / "kernels"
+    folder.mkdir()
+    folder.chmod(0o777)
+    monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
+    monkeypatch.setattr(expand_kernel, "_lib", None)
+    monkeypatch.setattr(expand_kernel, "_tried", False)
+    monkeypatch.setattr(expand_kernel, "_why_not", None)
+    assert not expand_kernel.available()
+    assert "writable by others" in expand_kernel.why_not()
+    assert list(folder.iterdir()) == []  # nothing was built or loaded there
+
+
+def test_the_library_builds_into_the_named_folder(tmp_path, monkeypatch):
+    """`python -m loraplex.server.engine.expand_kernel` (the CPU image's build step) compiles into
+    LORAPLEX_KERNEL_DIR, and a fresh load there uses that file."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "kernels"
+    env = {**__import__("os").environ, "LORAPLEX_KERNEL_DIR": str(folder)}
+    done = subprocess.run([sys.executable, "-m", "loraplex.server.engine.expand_kernel"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    path = done.stdout.strip().splitlines()[-1]
+    assert path.startswith(str(folder)) and path.endswith(".so") and (folder / path.rsplit("/", 1)[1]).is_file()
+    monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
+    assert expand_kernel.library_path() == path
