@@ -49,6 +49,10 @@ class ServerSettings(BaseSettings):
         False,
         description="torch backend with int4 decode GEMMs: compile the one-row decode step with torch.compile for single streams (needs g++; each signature, the adapter's targets and ranks or the bare base, compiles in the background on first use: minutes of a core, seconds from inductor's disk cache; docs/benchmarks.md)",
     )
+    lora_expand: Literal["kernel", "gemm"] = Field(
+        "kernel",
+        description="torch backend at bf16 on CPU: how mixed steps add each token's LoRA B product; kernel = one C call per projection group reading only each token's own adapter rows (built with gcc on first use, needs AVX512-BF16; else the gemm path, logged), gemm = masked oneDNN GEMMs (docs/benchmarks.md)",
+    )
     max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
     max_mix_adapters: int = Field(4, ge=1, description="adapters one weighted mix may combine (the adapters field or model 'a:0.7+b:0.3'; docs/mixes.md)")

@@ -129,6 +129,7 @@ class Engine(RowEngine):
         lean_forward: bool = True,
         int4_decode_rows: int = 8,
         compile_decode: bool = False,
+        lora_expand: str = "kernel",
     ) -> None:
         super().__init__(eos_token_ids=eos_token_ids, max_batch_size=max_batch_size, max_model_len=max_model_len)
         if max_num_batched_tokens < 1:
@@ -164,11 +165,11 @@ class Engine(RowEngine):
         self.forward_path = "transformers"
         reason = why_not_supported(model, self.dtype) if lean_forward else "turned off (lean_forward=False)"
         if reason is None:
-            self.lean = LlamaStepForward(model, max_len=max_model_len, dtype=self.dtype, device=self.device, int4_rows=int4_decode_rows, compile_decode=compile_decode)
+            self.lean = LlamaStepForward(model, max_len=max_model_len, dtype=self.dtype, device=self.device, int4_rows=int4_decode_rows, compile_decode=compile_decode, lora_expand=lora_expand)
             self.forward_path = "lean"
             lean, lock = self.lean, self.slot_table.lock
             self.slot_table.on_change.append(lambda: lean.schedule_refresh(lock))  # also drops the compiled step's cached inputs
-            log.info("engine forward: lean Llama; int4 decode GEMMs %s; compiled one-row decode %s", self.lean.int4_reason, self.lean.compile_reason)
+            log.info("engine forward: lean Llama; int4 decode GEMMs %s; compiled one-row decode %s; mixed-step LoRA expand %s", self.lean.int4_reason, self.lean.compile_reason, self.lean.expand_reason)
         else:
             log.info("engine forward: transformers' (%s)", reason)
         self.running: list[_Row] = []

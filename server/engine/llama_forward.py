@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraplex.server.engine import expand_kernel
 from loraplex.server.engine.compiled_decode import OneRowStep, why_not_available
 from loraplex.server.engine.int4 import Int4Weight, exact_int4
 from loraplex.server.engine import lora as lora_math
@@ -207,7 +208,7 @@ class LlamaStepForward:
     """``forward(ids [N], positions [N], plan, keep [K]) -> logits [K, vocab]`` for a wrapped
     Llama-family model (see the module docstring)."""
 
-    def __init__(self, model, *, max_len: int, dtype: torch.dtype, device, int4_rows: int = 0, compile_decode: bool = False) -> None:
+    def __init__(self, model, *, max_len: int, dtype: torch.dtype, device, int4_rows: int = 0, compile_decode: bool = False, lora_expand: str = "kernel") -> None:
         reason = why_not_supported(model, dtype)
         if reason is not None:
             raise ValueError(f"the lean Llama forward cannot run this model: {reason}")
@@ -253,6 +254,19 @@ class LlamaStepForward:
         self.one_row: OneRowStep | None = None
         self._one_row_inputs: tuple | None = None  # (key, per-layer inputs, signature), see _one_row_step
         self.compile_reason = self._use_compiled_decode(compile_decode)
+        if lora_expand not in ("kernel", "gemm"):
+            raise ValueError(f"lora_expand must be 'kernel' or 'gemm', got {lora_expand!r}")
+        shrinks = [fused.shrink for layer in layers for fused in layer.fused if fused.shrink is not None]
+        for shrink in shrinks:
+            shrink.kernel_wanted = lora_expand == "kernel"
+        if not shrinks:
+            self.expand_reason = "not used (no folded shrink: fp32, or no oneDNN bf16 prepacking)"
+        elif lora_expand == "gemm":
+            self.expand_reason = "masked GEMM (--lora-expand gemm)"
+        elif expand_kernel.available():
+            self.expand_reason = f"C kernel (steps up to {expand_kernel.MAX_TOKENS} tokens)"
+        else:
+            self.expand_reason = f"masked GEMM ({expand_kernel.why_not()})"
         _return_freed_memory()  # the replaced per-projection weights and the int4 check's temporaries
         # rotary cos/sin of every position, from the model's own rotary module: [max_len, d]
         positions = torch.arange(max_len, device=device)[None]

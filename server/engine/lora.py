@@ -710,6 +710,7 @@ class FoldedShrink:
         self.fold: Fold | None = None
         self.uses = 0  # steps that added LoRA through the fold (tests check the path ran)
         self.kernel_uses = 0  # of which through expand_kernel
+        self.kernel_wanted = True  # False: the masked GEMM expand (--lora-expand gemm)
 
     def current(self) -> Fold | None:
         fold = self.fold
@@ -748,7 +749,7 @@ class FoldedShrink:
         width = int(self.weight.shape[0])
         bias = None if self.bias is None else torch.cat([self.bias, self.bias.new_zeros(sum(rows))])
         kernel = None
-        if folded.dtype == torch.bfloat16 and folded.device.type == "cpu" and expand_kernel.available():
+        if self.kernel_wanted and folded.dtype == torch.bfloat16 and folded.device.type == "cpu" and expand_kernel.available():
             members, r0 = [], 0
             for module, (lo, _), hi in zip(self.modules, self.spans, rows):
                 if hi:

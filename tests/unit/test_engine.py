@@ -136,8 +136,7 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget, fold,
     from loraplex.server.engine import expand_kernel, lora
 
     monkeypatch.setitem(lora.FOLD_A, "enabled", fold)
-    monkeypatch.setitem(expand_kernel.EXPAND_KERNEL, "enabled", kernel)
-    engine = _engine(tiny_base, adapters, dtype=torch.bfloat16, max_batch_size=8, max_num_batched_tokens=budget)
+    engine = _engine(tiny_base, adapters, dtype=torch.bfloat16, max_batch_size=8, max_num_batched_tokens=budget, lora_expand="kernel" if kernel else "gemm")
     assert engine.lean.settle()  # the A rows folded (on a background thread) before the first step
     plan = [(PROMPTS[0], "a"), (PROMPTS[2], "b"), (LONG, "c"), (PROMPTS[1], None), (PROMPTS[4], "a")]
     requests = [_request(str(i), p, ad, 16) for i, (p, ad) in enumerate(plan)]
@@ -169,6 +168,13 @@ def test_bf16_engine_agrees_with_peft_in_bf16(tiny_base, adapters, budget, fold,
     assert (folded > 0) == (fold and can_fold), folded
     by_kernel = sum(fused.shrink.kernel_uses for layer in engine.lean.layers for fused in layer.fused if fused.shrink is not None)
     assert (by_kernel > 0) == (fold and can_fold and kernel and expand_kernel.available()), (by_kernel, expand_kernel.why_not())
+    if fold and can_fold:
+        assert engine.lean.expand_reason.startswith("C kernel" if kernel and expand_kernel.available() else "masked GEMM"), engine.lean.expand_reason
+
+
+def test_an_unknown_lora_expand_is_refused_naming_the_value(tiny_base):
+    with pytest.raises(ValueError, match="'fast'"):
+        _engine(tiny_base, {}, dtype=torch.bfloat16, lora_expand="fast")
 
 
 def test_cancel_and_stop_tokens_free_rows(tiny_base, adapters, expected):
