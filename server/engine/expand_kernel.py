@@ -41,6 +41,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
+#: the largest rank one slot may have in a plan: the C side gathers at most MAXPAIRS (256) row
+#: pairs per token and member at a time, and a single slot's rows must fit in one gather
+MAX_RANK = 512
+
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 EXPAND_KERNEL = {"enabled": True}
 
@@ -374,6 +378,8 @@ class ExpandPlan:
             start = torch.zeros(size, dtype=torch.int32)
             rank = torch.zeros(size, dtype=torch.int32)
             for slot, (first, count) in rows.items():
+                if count > MAX_RANK:
+                    raise ValueError(f"slot {slot}: rank {count} is above the kernel's {MAX_RANK} (its per-token pair buffer)")
                 assert 0 <= first and first + count <= b.shape[0], f"slot {slot}: rows {first}+{count} past B's {b.shape[0]}"
                 start[slot], rank[slot] = first, count
             self._keep += [b2, start, rank]

@@ -27,6 +27,10 @@ a member's slot is cleared: a lone streaming slot's rows in fp32 (``MultiLoraLin
 ``LoraGroup._single_f32``) and, for mixed steps, a group's used A rows and block-diagonal B rows
 (``LoraGroup``; at most ``DIAG_MAX_BYTES`` of B per group).
 
+In bf16 on CPU the shrink rides on the base GEMM (``FoldedShrink``) and the expand is one call
+of a small C kernel per projection group (``expand_kernel``) that reads only each token's own
+rows: the dense masked form above stays for fp32, CUDA, and where the kernel cannot be built.
+
 bf16 base Linears on CPU (and the lm_head) run on oneDNN-prepacked weights: bit-identical to
 ``F.linear``, without re-laying out the weight on every call (what dominates small-M decode).
 This module knows nothing of requests, tokens or files.
@@ -689,9 +693,11 @@ class FoldedShrink:
     rows ``[0, hi)``: every slot there, used this step or not) are appended to the base weight and
     prepacked once per adapter change (``refresh``, on a background thread). Every
     GEMM then returns ``[N, width + R]``: the base output and each token's products with all those
-    A rows, for a few percent more multiply-adds and no extra call. ``add_lora`` masks the extra
-    columns to each token's own slots (or mix weights) and adds ``(u * mask) @ B`` into the base
-    output: one GEMM over a block-diagonal B copy, or one per member.
+    A rows, for a few percent more multiply-adds and no extra call. ``add_lora`` then adds each
+    token's ``u @ B`` over its own slots' rows (weighted for a mix) into the base output: with
+    the C kernel (``expand_kernel``, one call for the group, each token reading only its rows)
+    where it is available, else by masking the extra columns and one GEMM over a block-diagonal
+    B copy, or one per member.
 
     The prepacked base weight is replaced by the folded one while a fold exists (one copy of the
     base weights, not two). Refolding costs a repack of the projection (about 250 ms for the
@@ -756,7 +762,10 @@ class FoldedShrink:
                     slots = {slot: (first, count) for slot, (block, first, count) in module.row_of.items() if block == 0}
                     members.append((lo, r0, module.blocks[0][1][:hi], slots))
                 r0 += hi
-            kernel = expand_kernel.ExpandPlan(members)
+            try:
+                kernel = expand_kernel.ExpandPlan(members)
+            except ValueError:  # a rank past the kernel's limit: this fold keeps the GEMM expand
+                kernel = None
         # the block-diagonal B serves the GEMM expand; with the kernel it is built only if that
         # path runs (the kernel switched off for an A/B run): memory for nothing otherwise
         b_diag = self._diag(rows) if kernel is None else None

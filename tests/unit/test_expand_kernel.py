@@ -142,3 +142,12 @@ def test_the_library_builds_into_the_named_folder(tmp_path, monkeypatch):
     assert path.startswith(str(folder)) and path.endswith(".so") and (folder / path.rsplit("/", 1)[1]).is_file()
     monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
     assert expand_kernel.library_path() == path
+
+
+def test_a_plan_refuses_a_rank_past_the_kernels_limit():
+    """A slot's rows must fit one gather (MAX_RANK): a bigger rank is refused when the plan is
+    built (the fold then keeps the GEMM expand), never skipped at run time."""
+    rank = expand_kernel.MAX_RANK + 2
+    b = torch.zeros(rank, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"rank {rank}"):
+        expand_kernel.ExpandPlan([(0, 0, b, {1: (0, rank)})])
