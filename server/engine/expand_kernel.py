@@ -1,4 +1,4 @@
-"""The LoRA expand of a bf16 CPU step as one small C kernel (a CPU BGMV), built at first use.
+"""The LoRA expand of a bf16 CPU step as one small C kernel (a CPU BGMV).
 
 Why it exists: the folded shrink (lora.py) leaves each projection's LoRA as ``y += (u * mask)
 @ B``, u being every token's products with every resident adapter's A rows ([N, R]) and B the
@@ -10,48 +10,47 @@ decode step took about 25 ms for a few MFLOP. Here each token reads only its own
 rounding, and one call covers a whole projection group (q/k/v, gate/up) with no mask.
 
 How: AVX512-BF16's ``vdpbf16ps`` multiplies a pair of bf16 coefficients by a pair of bf16 B
-rows into fp32 lanes, so B is kept pair-interleaved (``interleave_pairs``) and 16 independent
-accumulators (256 columns) hide the instruction's latency. The coefficient of row j is
-``bf16(w * u[t, j])``, the rounding the masked GEMM applies too.
+rows into fp32 lanes, so B is kept pair-interleaved (``interleave_pairs``), and 16 independent
+accumulators (256 columns) hide the instruction's latency; tokens whose (slot, weight) segments
+are identical run in groups of ``GROUP`` sharing each B load. The coefficient of row j is
+``bf16(w * u[t, j])`` computed in fp32 (the masked GEMM rounds ``w`` to bf16 first: the same for
+w = 1, a rounding apart for mixes).
 
-Build: C without torch headers (about a second with gcc), explicit ISA flags rather than
-``-march=native`` so one build serves any CPU with the extensions (the CPU image builds it at
-image build time), into ``LORAPLEX_KERNEL_DIR`` or a per-user temp folder, keyed by a hash of
-the source and flags, published atomically. ``available()`` is False, with the reason logged
-once, when the CPU lacks the instructions, there is neither a library nor a compiler, or the
-build fails; callers then keep the GEMM path. Calls go through ctypes with raw pointers and
-element strides: CPU tensors only, bf16 rows with unit column stride.
+The library is built and loaded by ``native`` (gcc, about a second, explicit ISA flags checked
+against /proc/cpuinfo). ``available()`` is False, with the reason logged once, when the CPU
+lacks the instructions, there is neither a library nor a compiler, the build fails or the
+folder is not trusted; callers then keep the GEMM path.
 
-Knows nothing of adapters, slots or models: a token -> (slot, weight) table, per member a
-slot -> rows table, and three matrices.
+Owns the kernel's source, its plan of a projection group (``ExpandPlan``) and a step's token
+table (``TokenSegments``). Knows nothing of adapters, slots' meaning or models: tables of rows
+and three matrices.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import torch
 
-log = logging.getLogger(__name__)
+from loraplex.server.engine import native
 
-#: the largest rank one slot may have in a plan: the C side gathers at most MAXPAIRS (256) row
-#: pairs per token and member at a time, and a single slot's rows must fit in one gather
-MAX_RANK = 512
+log = logging.getLogger(__name__)
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 EXPAND_KERNEL = {"enabled": True}
 
 #: steps with more tokens than this keep the GEMM. The kernel is single-threaded and the GEMM
-#: uses both cores, yet 512-token prefill steps measured faster with the kernel
-#: (docs/benchmarks.md, seventh engine-v2 session); larger steps were not measured
+#: uses both cores, yet 512-token prefill steps measured faster with the kernel on this 2-core
+#: CPU (docs/benchmarks.md, seventh engine-v2 session); larger steps were not measured
 MAX_TOKENS = 1024
+
+#: tokens per group sharing B loads, and row pairs gathered per token and member at a time: the
+#: C side's MAXGROUP and MAXPAIRS (checked at load). One slot's rows must fit one gather, so a
+#: plan refuses a slot spanning more pairs (a rank above 510 at any start, 512 at an even one)
+GROUP = 4
+MAX_PAIRS = 256
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -155,11 +154,15 @@ static inline void prefetch_rows(const member_t *m, const int32_t *tok_ptr, cons
    are identical, so a group reads each B row once; any grouping gives the same result.
    Single-threaded: it runs between torch's parallel regions, whose threads still spin.
    Strides in elements. */
-void lora_expand_bf16(int64_t n, uint16_t *y, int64_t ys, const uint16_t *u, int64_t us,
+int lora_expand_max_group(void) { return MAXGROUP; }
+int lora_expand_max_pairs(void) { return MAXPAIRS; }
+
+int64_t lora_expand_bf16(int64_t n, uint16_t *y, int64_t ys, const uint16_t *u, int64_t us,
                       const int32_t *tok_ptr, const int32_t *tok_slot, const float *tok_w,
                       const int32_t *grp_ptr, const int32_t *grp_tok, int64_t ngroups,
                       const member_t *members, int64_t nmembers) {
     static __thread uint32_t coef[MAXGROUP][MAXPAIRS];
+    int64_t skipped = 0;  /* segments left out (returned: the caller raises) */
     const uint16_t *pairs[MAXPAIRS];
     uint16_t *yr[MAXGROUP];
     const uint16_t *ur[MAXGROUP];
@@ -185,7 +188,11 @@ void lora_expand_bf16(int64_t n, uint16_t *y, int64_t ys, const uint16_t *u, int
                     if (slot < 0 || slot >= m->nslots || m->rank[slot] <= 0) continue;
                     int32_t lo = m->start[slot], hi = m->start[slot] + m->rank[slot];
                     int32_t p0 = lo >> 1, p1 = (hi + 1) >> 1;
-                    if (np + (p1 - p0) > MAXPAIRS) { if (np) break; s++; continue; }
+                    if (np + (p1 - p0) > MAXPAIRS) {
+                        if (np) break;       /* the pairs so far first; this segment starts the next gather */
+                        skipped++;           /* one slot alone too big: plans refuse it, so never */
+                        continue;
+                    }
                     for (int32_t p = p0; p < p1; p++) {
                         for (int g = 0; g < nt; g++) {
                             uint16_t c[2] = {0, 0};
@@ -230,16 +237,18 @@ void lora_expand_bf16(int64_t n, uint16_t *y, int64_t ys, const uint16_t *u, int
             }
         }
     }
+    return skipped;
 }
 #else
-void lora_expand_bf16(void) {}
+int64_t lora_expand_bf16(void) { return -1; }
 #endif
 """
 
 #: explicit ISA flags (not -march=native), so a library built once (the CPU image builds it at
-#: image build time) runs on any CPU with these extensions; ``_cpu_ok`` checks them at load
+#: image build time) runs on any CPU with these extensions, which are checked at load
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared", "-fno-math-errno"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+_NAME = "lora_expand"
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -253,77 +262,27 @@ class _Member(ctypes.Structure):
                 ("start", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("nslots", ctypes.c_int64)]
 
 
-def _cache_dir() -> str:
-    """``LORAPLEX_KERNEL_DIR`` (the CPU image's prebuilt library) or a per-user temp folder, which
-    must be this user's and closed to others: a library found there is loaded into the process."""
-    base = os.environ.get("LORAPLEX_KERNEL_DIR") or os.path.join(tempfile.gettempdir(), f"loraplex-kernels-{os.getuid()}")
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    info = os.stat(base)
-    if info.st_uid not in (os.getuid(), 0) or info.st_mode & 0o022:
-        raise RuntimeError(f"{base} is not owned by this user or is writable by others: not loading code from it")
-    return base
-
-
-def _cpu_ok() -> str | None:
-    """None when this CPU has the kernel's instructions, else which are missing."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return "no /proc/cpuinfo to check the CPU's instructions"
-    missing = [flag for flag in _CPU_FLAGS if flag not in flags]
-    return f"this CPU lacks {', '.join(missing)}" if missing else None
-
-
-def library_path() -> str:
-    """Where the built library lives: keyed by the source and the flags."""
-    key = hashlib.sha256("\0".join([_SOURCE, " ".join(_FLAGS)]).encode()).hexdigest()[:16]
-    return os.path.join(_cache_dir(), f"lora_expand_{key}.so")
-
-
 def build() -> str:
-    """Compile the library unless it exists (whatever this CPU is: the flags name the ISA);
-    returns its path. Concurrent builders each publish a whole file (atomic rename)."""
-    path = library_path()
-    if os.path.exists(path):
-        return path
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError(f"no C compiler (cc/gcc) on PATH and no prebuilt {path}")
-    fd, src = tempfile.mkstemp(suffix=".c", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(_SOURCE)
-    tmp = src[:-2] + ".so"
-    try:
-        done = subprocess.run([cc, *_FLAGS, "-o", tmp, src], capture_output=True, text=True, timeout=120)
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (src, tmp):
-            if os.path.exists(leftover):
-                os.unlink(leftover)
-    return path
+    """Compile the library (no CPU check: the image build host may differ); its path."""
+    return native.build(_NAME, _SOURCE, _FLAGS)
 
 
 def _load() -> ctypes.CDLL:
-    missing = _cpu_ok()
-    if missing:
-        raise RuntimeError(missing)
-    lib = ctypes.CDLL(build())
+    lib = native.load(_NAME, _SOURCE, _FLAGS, _CPU_FLAGS)
     fn = lib.lora_expand_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.POINTER(_Member), i64]
-    fn.restype = None
+    fn.restype = i64
     if not lib.lora_expand_fast():
         raise RuntimeError("the library was built without AVX512-BF16 (the kernel's dot-product instruction)")
+    if lib.lora_expand_max_group() != GROUP or lib.lora_expand_max_pairs() != MAX_PAIRS:
+        raise RuntimeError("the library's group or pair limits differ from this module's")
     return lib
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call; False when that
-    fails: no compiler, a build error, a non-x86/Linux platform)."""
+    fails, with the reason in ``why_not()`` and the log)."""
     global _lib, _tried, _why_not
     if _tried:
         return _lib is not None
@@ -364,47 +323,51 @@ class ExpandPlan:
     expand rows ``B [R_m, out]`` and per slot ``(first row, rank)`` there. Holds the pair-
     interleaved B copies and the tables, so their pointers stay valid while the plan lives.
 
-    ``members``: ``(y_col, u_col, B, rows)`` with ``rows`` = {slot: (first, rank)}."""
+    ``members``: ``(y_col, u_col, B, rows)`` with ``rows`` = {slot: (first, rank)}. Raises
+    ValueError for a slot the kernel cannot take (more than ``MAX_PAIRS`` row pairs)."""
 
     def __init__(self, members: list[tuple[int, int, torch.Tensor, dict[int, tuple[int, int]]]]) -> None:
         self._keep: list[torch.Tensor] = []
         structs = []
+        u_width = 0
         for y_col, u_col, b, rows in members:
             if not rows:
                 continue
-            assert b.dtype == torch.bfloat16 and b.device.type == "cpu", "bf16 CPU rows only"
+            if b.dtype != torch.bfloat16 or b.device.type != "cpu" or b.dim() != 2:
+                raise ValueError(f"expand rows must be a 2-D bf16 CPU tensor, got {tuple(b.shape)} {b.dtype} on {b.device}")
             b2 = interleave_pairs(b)
             size = max(rows) + 1
             start = torch.zeros(size, dtype=torch.int32)
             rank = torch.zeros(size, dtype=torch.int32)
             for slot, (first, count) in rows.items():
-                if count > MAX_RANK:
-                    raise ValueError(f"slot {slot}: rank {count} is above the kernel's {MAX_RANK} (its per-token pair buffer)")
-                assert 0 <= first and first + count <= b.shape[0], f"slot {slot}: rows {first}+{count} past B's {b.shape[0]}"
+                if not (slot >= 0 and first >= 0 and count >= 0 and first + count <= b.shape[0]):
+                    raise ValueError(f"slot {slot}: rows {first}..{first + count} outside B's {b.shape[0]} rows")
+                pairs = (first + count + 1) // 2 - first // 2
+                if pairs > MAX_PAIRS:
+                    raise ValueError(f"slot {slot}: rows {first}..{first + count} span {pairs} row pairs, above the kernel's {MAX_PAIRS}")
                 start[slot], rank[slot] = first, count
             self._keep += [b2, start, rank]
             structs.append(_Member(b.shape[1], y_col, u_col, b2.data_ptr(), b2.stride(0), start.data_ptr(), rank.data_ptr(), size))
+            u_width = max(u_width, u_col + b.shape[0])
         self.width = max((m.y_col + m.out for m in structs), default=0)  # y columns the plan writes
-        self.u_width = max((u_col + b.shape[0] for (y_col, u_col, b, rows) in members if rows), default=0)
+        self.u_width = u_width  # u columns it reads
         self._members = (_Member * max(len(structs), 1))(*structs)
         self._count = len(structs)
 
     def run(self, y: torch.Tensor, u: torch.Tensor, tokens: "TokenSegments") -> None:
         """``y[t, member columns] += sum_s bf16(w_s * u[t, rows_s]) @ B[rows_s]`` in place, for
         each token t, each member and each of t's segments s = (slot_s, w_s), rows_s that slot's
-        rows in the member. y [N, >= width] and u [N, >= u_width] bf16 with unit column strides
-        (row strides may be anything: both may be column slices of one GEMM output)."""
+        rows in the member. y [N, >= width] and u [N, >= u_width] bf16 CPU tensors with unit
+        column strides (row strides may be anything: both may be column slices of one output)."""
         if _lib is None and not available():
             raise RuntimeError(f"the LoRA expand kernel is unavailable: {_why_not}")
         n = y.shape[0]
         if not (y.dtype == u.dtype == torch.bfloat16 and y.stride(1) == 1 and u.stride(1) == 1 and u.shape[0] == n == tokens.n
-                and y.shape[1] >= self.width and u.shape[1] >= self.u_width and y.device.type == "cpu"):
+                and y.shape[1] >= self.width and u.shape[1] >= self.u_width and y.device.type == u.device.type == "cpu"):
             raise ValueError(f"expand: y {tuple(y.shape)} {y.dtype} and u {tuple(u.shape)} {u.dtype} do not fit this plan ({tokens.n} tokens, width {self.width}, u width {self.u_width})")
-        _lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count)
-
-
-#: tokens per group sharing B reads (the C side's MAXGROUP)
-GROUP = 4
+        skipped = _lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count)
+        if skipped:
+            raise RuntimeError(f"the expand kernel left out {skipped} segments (a slot past its pair buffer)")
 
 
 class TokenSegments:
@@ -415,18 +378,15 @@ class TokenSegments:
 
     def __init__(self, rows: list[list[tuple[int, float]]]) -> None:
         ptr, slots, weights = [0], [], []
-        for row in rows:
-            for slot, weight in row:
-                if slot and weight:
-                    slots.append(slot)
-                    weights.append(weight)
-            ptr.append(len(slots))
-        # tokens with identical segments, in groups of at most GROUP: a group reads B once
-        same: dict[tuple, list[int]] = {}
+        same: dict[tuple, list[int]] = {}  # identical segments -> their tokens
         for t, row in enumerate(rows):
-            key = tuple((slot, weight) for slot, weight in row if slot and weight)
-            if key:
-                same.setdefault(key, []).append(t)
+            kept = tuple((int(slot), float(weight)) for slot, weight in row if slot and weight)
+            for slot, weight in kept:
+                slots.append(slot)
+                weights.append(weight)
+            ptr.append(len(slots))
+            if kept:
+                same.setdefault(kept, []).append(t)
         grp_ptr, grp_tok = [0], []
         for tokens in same.values():
             for i in range(0, len(tokens), GROUP):
@@ -438,8 +398,11 @@ class TokenSegments:
         self.weight = torch.tensor(weights or [0.0], dtype=torch.float32)
         self.grp_ptr = torch.tensor(grp_ptr, dtype=torch.int32)
         self.grp_tok = torch.tensor(grp_tok or [0], dtype=torch.int32)
-        self.pointers = (self.ptr.data_ptr(), self.slot.data_ptr(), self.weight.data_ptr(),
-                         self.grp_ptr.data_ptr(), self.grp_tok.data_ptr(), len(grp_ptr) - 1)
+        #: the C call's table arguments: (ptr, slot, weight, grp_ptr, grp_tok) addresses and the group count
+        self.pointers: tuple[int, int, int, int, int, int] = (
+            self.ptr.data_ptr(), self.slot.data_ptr(), self.weight.data_ptr(),
+            self.grp_ptr.data_ptr(), self.grp_tok.data_ptr(), len(grp_ptr) - 1,
+        )
 
 
 if __name__ == "__main__":  # `python -m loraplex.server.engine.expand_kernel`: build now (the CPU image does, with LORAPLEX_KERNEL_DIR set)

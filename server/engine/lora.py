@@ -29,7 +29,9 @@ a member's slot is cleared: a lone streaming slot's rows in fp32 (``MultiLoraLin
 
 In bf16 on CPU the shrink rides on the base GEMM (``FoldedShrink``) and the expand is one call
 of a small C kernel per projection group (``expand_kernel``) that reads only each token's own
-rows: the dense masked form above stays for fp32, CUDA, and where the kernel cannot be built.
+rows. The dense masked form above stays for fp32 and CUDA, with ``--lora-expand gemm``, where
+the kernel cannot be built, for steps past ``expand_kernel.MAX_TOKENS``, for slots whose rows
+are not folded (a later block), and for folds holding a rank past the kernel's limit.
 
 bf16 base Linears on CPU (and the lm_head) run on oneDNN-prepacked weights: bit-identical to
 ``F.linear``, without re-laying out the weight on every call (what dominates small-M decode).
@@ -659,7 +661,9 @@ def _diag_wins(n: int, rows: Sequence[int], spans: Sequence[tuple[int, int]], it
 class Fold:
     """One build of a ``FoldedShrink``: the base weight with its members' A rows appended,
     prepacked, and what the extra output columns hold. Never changed once built (a refresh
-    makes a new one), so a forward on another thread reads one consistent build."""
+    makes a new one), so a forward on another thread reads one consistent build; the one
+    exception is ``b_diag``, filled in once from the build's own rows when the GEMM expand first
+    runs beside a kernel plan (an idempotent cache: every writer stores the same tensor)."""
 
     packed: torch.Tensor  # oneDNN-prepacked [width + R, in]: base rows, then member i's block-0 A rows [0, hi_i)
     bias: torch.Tensor | None  # [width + R] (the base bias, zero on the A rows) or None
@@ -764,7 +768,7 @@ class FoldedShrink:
                 r0 += hi
             try:
                 kernel = expand_kernel.ExpandPlan(members)
-            except ValueError:  # a rank past the kernel's limit: this fold keeps the GEMM expand
+            except ValueError:  # a slot past the kernel's row-pair limit: this fold keeps the GEMM expand
                 kernel = None
         # the block-diagonal B serves the GEMM expand; with the kernel it is built only if that
         # path runs (the kernel switched off for an A/B run): memory for nothing otherwise
@@ -775,10 +779,9 @@ class FoldedShrink:
     def _diag(self, rows: Sequence[int]) -> torch.Tensor | None:
         """[R, width]: each member's B rows [0, hi_i) in its own columns (groups within
         ``FOLD_DIAG_MAX_BYTES`` only), or None."""
-        first = self.modules[0].blocks[0][1]
-        if len(self.modules) == 1 or sum(rows) * self.spans[-1][1] * first.element_size() > FOLD_DIAG_MAX_BYTES:
+        if len(self.modules) == 1 or sum(rows) * self.spans[-1][1] * self.weight.element_size() > FOLD_DIAG_MAX_BYTES:
             return None
-        b_diag = torch.zeros(sum(rows), self.spans[-1][1], dtype=first.dtype, device=first.device)
+        b_diag = torch.zeros(sum(rows), self.spans[-1][1], dtype=self.weight.dtype, device=self.weight.device)  # a member may hold no rows (no block)
         r0 = 0
         for module, (lo, hi_col), hi in zip(self.modules, self.spans, rows):
             if hi:

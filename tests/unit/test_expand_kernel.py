@@ -141,13 +141,57 @@ def test_the_library_builds_into_the_named_folder(tmp_path, monkeypatch):
     path = done.stdout.strip().splitlines()[-1]
     assert path.startswith(str(folder)) and path.endswith(".so") and (folder / path.rsplit("/", 1)[1]).is_file()
     monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
-    assert expand_kernel.library_path() == path
+    from loraplex.server.engine import native
+
+    assert native.library_path("lora_expand", expand_kernel._SOURCE, expand_kernel._FLAGS) == path
 
 
-def test_a_plan_refuses_a_rank_past_the_kernels_limit():
-    """A slot's rows must fit one gather (MAX_RANK): a bigger rank is refused when the plan is
-    built (the fold then keeps the GEMM expand), never skipped at run time."""
-    rank = expand_kernel.MAX_RANK + 2
-    b = torch.zeros(rank, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match=f"rank {rank}"):
-        expand_kernel.ExpandPlan([(0, 0, b, {1: (0, rank)})])
+def test_a_plan_refuses_a_slot_spanning_more_row_pairs_than_one_gather():
+    """A slot's rows must fit one gather (MAX_PAIRS row pairs): refused when the plan is built
+    (the fold then keeps the GEMM expand), never skipped at run time. 512 rows from an even row
+    are 256 pairs; from an odd row they touch 257."""
+    b = torch.zeros(1024, 16, dtype=torch.bfloat16)
+    expand_kernel.ExpandPlan([(0, 0, b, {1: (0, 512)})])
+    expand_kernel.ExpandPlan([(0, 0, b, {1: (1, 510)})])
+    with pytest.raises(ValueError, match="257 row pairs"):
+        expand_kernel.ExpandPlan([(0, 0, b, {1: (1, 512)})])
+
+
+def test_a_segment_the_kernel_cannot_gather_raises_instead_of_being_skipped(monkeypatch):
+    """The C side's own guard, reached by lifting the plan's check: it reports, Python raises."""
+    monkeypatch.setattr(expand_kernel, "MAX_PAIRS", 10_000)
+    full, width, members = _case(2, (32,), [{1: (0, 600)}])
+    plan = expand_kernel.ExpandPlan(members)
+    with pytest.raises(RuntimeError, match="left out 1 segments"):
+        plan.run(full[:, :width], full[:, width:], expand_kernel.TokenSegments([[(1, 1.0)], []]))
+
+
+def test_a_mix_past_one_gather_is_summed_over_several_and_slots_past_the_table_add_nothing():
+    """Three rank-200 slots in one mix (300 row pairs: two gathers), same slots with different
+    weights in one step (never grouped together), and a slot number past every table."""
+    layout = {1: (0, 200), 2: (200, 200), 3: (400, 200)}
+    full, width, members = _case(12, (300, 40), [layout, layout], seed=5)
+    items = [((1, 0.7), (2, 0.2), (3, 0.1)), ((1, 0.1), (2, 0.2), (3, 0.7)), 2, 9] * 3
+    y, u = full[:, :width], full[:, width:]
+    y0 = y.clone()
+    rows = [[(it, 1.0)] if isinstance(it, int) else list(it) for it in items]
+    expand_kernel.ExpandPlan(members).run(y, u, expand_kernel.TokenSegments(rows))
+    expect = _reference(y0, u, members, [it if not isinstance(it, int) or it != 9 else 0 for it in items])
+    # the two gathers of a token each round onto y: one more bf16 rounding, at the partial sum's scale
+    torch.testing.assert_close(y.double(), _bf16(expect), rtol=BF16_ULP, atol=BF16_ULP * float(expect.abs().max()))
+    assert torch.equal(y[3::4], y0[3::4])  # slot 9: no rows anywhere
+    assert not torch.allclose(y[0].double(), y[1].double())  # different weights, different sums
+
+
+def test_a_symlinked_kernel_folder_is_refused(tmp_path, monkeypatch):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    link = tmp_path / "kernels"
+    link.symlink_to(real)
+    monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(link))
+    monkeypatch.setattr(expand_kernel, "_lib", None)
+    monkeypatch.setattr(expand_kernel, "_tried", False)
+    monkeypatch.setattr(expand_kernel, "_why_not", None)
+    assert not expand_kernel.available()
+    assert "symlink" in expand_kernel.why_not()
+    assert list(real.iterdir()) == []

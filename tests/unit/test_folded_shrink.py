@@ -166,3 +166,33 @@ def test_the_lean_forward_keeps_one_prepacked_copy_of_a_folded_weight(tiny_base,
     engine.remove_adapter("a")
     assert engine.lean.settle()
     assert fused.shrink.fold is None and fused.packed is not None
+
+
+@pytest.mark.parametrize("kernel_wanted", [False, True], ids=["gemm-expand", "kernel"])
+def test_a_group_whose_first_member_no_adapter_targets_folds_and_adds_the_rest(kernel_wanted, monkeypatch):
+    """Adapters targeting only k/v (or up/down): the first member holds no rows (no block at
+    all); the refold and both expands must handle it (the block-diagonal B copy once assumed
+    the first member's rows)."""
+    if kernel_wanted and not expand_kernel.available():
+        pytest.skip(f"the expand kernel does not build here: {expand_kernel.why_not()}")
+    monkeypatch.setitem(lora.DIAG_B, "enabled", True)
+    torch.manual_seed(4)
+    ctx = LoraBatchContext()
+    bases = [torch.nn.Linear(IN, out, bias=False).to(torch.bfloat16) for out in OUTS]
+    members = [MultiLoraLinear(base, f"p{i}", ctx, dtype=torch.bfloat16) for i, base in enumerate(bases)]
+    adapters = {slot: [None] + [W(torch.randn(8, IN) * 0.3, torch.randn(out, 8) * 0.3, 0.5) for out in OUTS[1:]] for slot in (1, 2)}
+    for slot, ws in adapters.items():
+        for member, w in zip(members, ws):
+            if w is not None:
+                member.write(slot, w)
+    assert not members[0].blocks
+    weight = torch.cat([base.weight.detach() for base in bases])
+    spans = ((0, OUTS[0]), (OUTS[0], OUTS[0] + OUTS[1]), (OUTS[0] + OUTS[1], sum(OUTS)))
+    shrink = FoldedShrink(weight, None, members, spans)
+    shrink.kernel_wanted = kernel_wanted
+    assert shrink.refresh()
+    x = torch.randn(32, IN).to(torch.bfloat16)
+    items = [1, 2, 0, ((1, 0.5), (2, 0.5))] * 8
+    handled, y = _step(shrink, ctx, x, items)
+    assert handled and shrink.kernel_uses == (1 if kernel_wanted else 0)
+    torch.testing.assert_close(y.float(), _reference(x, bases, adapters, items, spans), atol=0.08, rtol=0.03)

@@ -1,0 +1,95 @@
+"""Building, trusting and loading the engine's small C libraries (no torch headers).
+
+A library is compiled once with the system C compiler (``cc``/``gcc``, or ``$CC``) into a folder,
+named by a hash of its source and flags, published atomically (compile to a temp name in the same
+folder, then rename), and loaded with ctypes. The folder is ``LORAPLEX_KERNEL_DIR`` when set (the
+CPU image ships its libraries there, built at image build time) or ``<tmp>/loraplex-kernels-<uid>``.
+Whatever is found there is loaded into the server, so both the folder and the file must be real
+(not symlinks), owned by this user (or by root, for an explicitly named folder only) and closed
+to writes by others; anything else is refused with the reason.
+
+Owns: the folder and its checks, the compiler call, the CPU-feature check. Knows nothing of LoRA,
+tensors or models: a name, C source, compiler flags and the /proc/cpuinfo flags they need.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+
+
+def _trusted(path: str, *, explicit: bool, kind: str) -> None:
+    info = os.lstat(path)
+    if stat.S_ISLNK(info.st_mode):
+        raise RuntimeError(f"{kind} {path} is a symlink: not loading code through it")
+    owners = (os.getuid(), 0) if explicit else (os.getuid(),)
+    if info.st_uid not in owners or info.st_mode & 0o022:
+        raise RuntimeError(f"{kind} {path} is not owned by this user or is writable by others: not loading code from it")
+
+
+def kernel_dir() -> str:
+    """The library folder, created (mode 0700) if missing, after the trust checks."""
+    explicit = os.environ.get("LORAPLEX_KERNEL_DIR")
+    base = explicit or os.path.join(tempfile.gettempdir(), f"loraplex-kernels-{os.getuid()}")
+    if not os.path.lexists(base):
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    _trusted(base, explicit=bool(explicit), kind="kernel folder")
+    return base
+
+
+def cpu_missing(flags: tuple[str, ...]) -> str | None:
+    """None when /proc/cpuinfo lists every flag, else what is missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            have = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return "no /proc/cpuinfo to check the CPU's instructions"
+    missing = [flag for flag in flags if flag not in have]
+    return f"this CPU lacks {', '.join(missing)}" if missing else None
+
+
+def library_path(name: str, source: str, cflags: list[str]) -> str:
+    """Where the library of this source and these flags lives."""
+    key = hashlib.sha256("\0".join([source, " ".join(cflags)]).encode()).hexdigest()[:16]
+    return os.path.join(kernel_dir(), f"{name}_{key}.so")
+
+
+def build(name: str, source: str, cflags: list[str]) -> str:
+    """Compile the library unless it exists (whatever this CPU is: the flags name the ISA);
+    returns its path."""
+    path = library_path(name, source, cflags)
+    if os.path.lexists(path):
+        return path
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError(f"no C compiler (cc/gcc) on PATH and no prebuilt {path}")
+    fd, src = tempfile.mkstemp(suffix=".c", dir=os.path.dirname(path))
+    with os.fdopen(fd, "w") as f:
+        f.write(source)
+    tmp = src[:-2] + ".so"
+    try:
+        done = subprocess.run([cc, *cflags, "-o", tmp, src], capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-400:]}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)  # atomic: concurrent builders each publish a whole file
+    finally:
+        for leftover in (src, tmp):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+    return path
+
+
+def load(name: str, source: str, cflags: list[str], cpu_flags: tuple[str, ...]) -> ctypes.CDLL:
+    """Check the CPU, build if needed, check the file, load it."""
+    missing = cpu_missing(cpu_flags)
+    if missing:
+        raise RuntimeError(missing)
+    path = build(name, source, cflags)
+    _trusted(path, explicit=bool(os.environ.get("LORAPLEX_KERNEL_DIR")), kind="kernel library")
+    return ctypes.CDLL(path)
