@@ -113,19 +113,26 @@ def test_interleave_pairs_puts_rows_2p_and_2p_plus_1_side_by_side():
     assert got[1].tolist() == [8, 0, 9, 0, 10, 0, 11, 0]  # odd row count: a zero row appended
 
 
-def test_a_kernel_folder_others_can_write_is_refused_and_the_gemm_path_stays(tmp_path, monkeypatch):
-    """A library found in the kernel folder is loaded into the server: a folder writable by
-    others (a planted library) is refused, with the reason, and ``available()`` is False."""
-    folder = tmp_path / "kernels"
-    folder.mkdir()
-    folder.chmod(0o777)
+@pytest.mark.parametrize("planted", ["writable-by-others", "symlink"])
+def test_an_untrusted_kernel_folder_is_refused_and_the_gemm_path_stays(planted, tmp_path, monkeypatch):
+    """A library found in the kernel folder is loaded into the server: a folder others can write
+    (a planted library) or a symlink (re-pointable between the check and the load) is refused,
+    with the reason, and ``available()`` is False."""
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    folder = real
+    if planted == "symlink":
+        folder = tmp_path / "kernels"
+        folder.symlink_to(real)
+    else:
+        real.chmod(0o777)
     monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
     monkeypatch.setattr(expand_kernel, "_lib", None)
     monkeypatch.setattr(expand_kernel, "_tried", False)
     monkeypatch.setattr(expand_kernel, "_why_not", None)
     assert not expand_kernel.available()
-    assert "writable by others" in expand_kernel.why_not()
-    assert list(folder.iterdir()) == []  # nothing was built or loaded there
+    assert ("symlink" if planted == "symlink" else "writable by others") in expand_kernel.why_not()
+    assert list(real.iterdir()) == []  # nothing was built or loaded there
 
 
 def test_the_library_builds_into_the_named_folder(tmp_path, monkeypatch):
@@ -181,17 +188,3 @@ def test_a_mix_past_one_gather_is_summed_over_several_and_slots_past_the_table_a
     torch.testing.assert_close(y.double(), _bf16(expect), rtol=BF16_ULP, atol=BF16_ULP * float(expect.abs().max()))
     assert torch.equal(y[3::4], y0[3::4])  # slot 9: no rows anywhere
     assert not torch.allclose(y[0].double(), y[1].double())  # different weights, different sums
-
-
-def test_a_symlinked_kernel_folder_is_refused(tmp_path, monkeypatch):
-    real = tmp_path / "real"
-    real.mkdir(mode=0o700)
-    link = tmp_path / "kernels"
-    link.symlink_to(real)
-    monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(link))
-    monkeypatch.setattr(expand_kernel, "_lib", None)
-    monkeypatch.setattr(expand_kernel, "_tried", False)
-    monkeypatch.setattr(expand_kernel, "_why_not", None)
-    assert not expand_kernel.available()
-    assert "symlink" in expand_kernel.why_not()
-    assert list(real.iterdir()) == []
