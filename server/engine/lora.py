@@ -59,6 +59,18 @@ TokenSlot = Union[int, Tuple[Tuple[int, float], ...]]  # a slot (weight 1; 0 = b
 PACKED_LINEARS = {"enabled": True}
 
 
+def _slot_weights(item: TokenSlot) -> dict[int, float]:
+    """A token's slots and their weights: an int is that slot at weight 1; a mix sums the weights
+    of a slot named twice; slot 0 (the base, always there once) adds nothing."""
+    if isinstance(item, int):
+        return {item: 1.0} if item else {}
+    row: dict[int, float] = {}
+    for slot, weight in item:
+        if slot:
+            row[int(slot)] = row.get(int(slot), 0.0) + float(weight)
+    return row
+
+
 @dataclass
 class LoraBatchContext:
     """Per-step state shared by every wrapped layer: the adapter slot (or weighted mix of slots)
@@ -98,16 +110,7 @@ class LoraBatchContext:
                 weights[:, len(used)] = 0.0  # base tokens: no column
                 self.token_weights = weights
             return
-        rows: list[dict[int, float]] = []
-        for item in slots:
-            if isinstance(item, int):
-                rows.append({item: 1.0} if item else {})
-                continue
-            row: dict[int, float] = {}
-            for slot, weight in item:
-                if slot:
-                    row[int(slot)] = row.get(int(slot), 0.0) + float(weight)
-            rows.append(row)
+        rows = [_slot_weights(item) for item in slots]
         used = tuple(sorted({s for row in rows for s in row}))
         self.used = used
         self.single = len(used) == 1 and all(row == {used[0]: 1.0} for row in rows)
@@ -123,17 +126,7 @@ class LoraBatchContext:
     def segments(self) -> expand_kernel.TokenSegments:
         """Each token's (slot, weight) pairs for the expand kernel, built once per step."""
         if self._segments is None:
-            rows = []
-            for item in self._slots:
-                if isinstance(item, int):
-                    rows.append([(item, 1.0)] if item else [])
-                else:
-                    merged: dict[int, float] = {}
-                    for slot, weight in item:
-                        if slot:
-                            merged[int(slot)] = merged.get(int(slot), 0.0) + float(weight)
-                    rows.append(list(merged.items()))
-            self._segments = expand_kernel.TokenSegments(rows)
+            self._segments = expand_kernel.TokenSegments([list(_slot_weights(item).items()) for item in self._slots])
         return self._segments
 
     def mask(self, key, columns: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
