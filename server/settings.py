@@ -53,6 +53,10 @@ class ServerSettings(BaseSettings):
         "kernel",
         description="torch backend at bf16 on CPU: how mixed steps add each token's LoRA B product; kernel = one C call per projection group reading only each token's own adapter rows (built with gcc on first use, needs AVX512-BF16; else the gemm path, logged), gemm = masked oneDNN GEMMs (docs/benchmarks.md)",
     )
+    decode_attention: Literal["kernel", "sdpa"] = Field(
+        "kernel",
+        description="torch backend at bf16 on CPU: how decode tokens attend; kernel = one C call per layer, each token over its own KV row and length (built with gcc on first use, needs AVX512-BF16; else sdpa, logged), sdpa = torch's scaled_dot_product_attention over the padded rows (docs/benchmarks.md)",
+    )
     max_loras: int = Field(64, ge=1, description="adapters resident at once (LRU eviction of idle ones beyond)")
     max_lora_rank: int = Field(64, ge=1, description="largest LoRA rank accepted")
     max_mix_adapters: int = Field(4, ge=1, description="adapters one weighted mix may combine (the adapters field or model 'a:0.7+b:0.3'; docs/mixes.md)")

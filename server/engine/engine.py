@@ -35,6 +35,7 @@ from typing import Mapping, Sequence
 
 import torch
 
+from loraplex.server.engine import attention_kernel
 from loraplex.server.engine.kvcache import ATTENTION_NAME, KvCache, register_attention
 from loraplex.server.engine.llama_forward import LlamaStepForward, why_not_supported
 from loraplex.server.engine.lora import LoraBatchContext, inject_multi_lora
@@ -130,6 +131,7 @@ class Engine(RowEngine):
         int4_decode_rows: int = 8,
         compile_decode: bool = False,
         lora_expand: str = "kernel",
+        decode_attention: str = "kernel",
     ) -> None:
         super().__init__(eos_token_ids=eos_token_ids, max_batch_size=max_batch_size, max_model_len=max_model_len)
         if max_num_batched_tokens < 1:
@@ -148,6 +150,7 @@ class Engine(RowEngine):
         config = model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        self.attention_reason = self._decode_attention(decode_attention)
         self.kv = KvCache(
             num_layers=config.num_hidden_layers,
             kv_heads=getattr(config, "num_key_value_heads", None) or heads,
@@ -157,6 +160,7 @@ class Engine(RowEngine):
             max_rows=max_batch_size,
             max_len=max_model_len,
             min_rows=2 if compile_decode else 1,  # see KvCache: the compiled one-row step's dynamic row count
+            decode_kernel=self.attention_reason.startswith("C kernel"),
         )
         register_attention()
         model.config._attn_implementation = ATTENTION_NAME
@@ -172,7 +176,20 @@ class Engine(RowEngine):
             log.info("engine forward: lean Llama; int4 decode GEMMs %s; compiled one-row decode %s; mixed-step LoRA expand %s", self.lean.int4_reason, self.lean.compile_reason, self.lean.expand_reason)
         else:
             log.info("engine forward: transformers' (%s)", reason)
+        log.info("engine decode attention: %s", self.attention_reason)
         self.running: list[_Row] = []
+
+    def _decode_attention(self, choice: str) -> str:
+        """Which decode attention runs, and why (the startup log and the backend description)."""
+        if choice not in ("kernel", "sdpa"):
+            raise ValueError(f"decode_attention must be 'kernel' or 'sdpa', got {choice!r}")
+        if choice == "sdpa":
+            return "SDPA (--decode-attention sdpa)"
+        if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+            return f"SDPA (the C kernel runs bf16 on CPU; this engine is {str(self.dtype).replace('torch.', '')} on {self.device.type})"
+        if not attention_kernel.available():
+            return f"SDPA ({attention_kernel.why_not()})"
+        return "C kernel (bf16, each token over its own row and length)"
 
     # ------------------------------------------------------------- adapters
     @property

@@ -29,14 +29,11 @@ and three matrices.
 from __future__ import annotations
 
 import ctypes
-import logging
-import threading
 
 import torch
 
 from loraplex.server.engine import native
 
-log = logging.getLogger(__name__)
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 EXPAND_KERNEL = {"enabled": True}
@@ -250,25 +247,13 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 _NAME = "lora_expand"
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-_why_not: str | None = None
-
-
 class _Member(ctypes.Structure):
     _fields_ = [("out", ctypes.c_int64), ("y_col", ctypes.c_int64), ("u_col", ctypes.c_int64),
                 ("b2", ctypes.c_void_p), ("bs", ctypes.c_int64),
                 ("start", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("nslots", ctypes.c_int64)]
 
 
-def build() -> str:
-    """Compile the library (no CPU check: the image build host may differ); its path."""
-    return native.build(_NAME, _SOURCE, _FLAGS)
-
-
-def _load() -> ctypes.CDLL:
-    lib = native.load(_NAME, _SOURCE, _FLAGS, _CPU_FLAGS)
+def _check(lib: ctypes.CDLL) -> None:
     fn = lib.lora_expand_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.POINTER(_Member), i64]
@@ -277,29 +262,25 @@ def _load() -> ctypes.CDLL:
         raise RuntimeError("the library was built without AVX512-BF16 (the kernel's dot-product instruction)")
     if lib.lora_expand_max_group() != GROUP or lib.lora_expand_max_pairs() != MAX_PAIRS:
         raise RuntimeError("the library's group or pair limits differ from this module's")
-    return lib
+
+
+LIBRARY = native.Library(_NAME, _SOURCE, _FLAGS, _CPU_FLAGS, _check, fallback="mixed steps keep the oneDNN GEMM")
+
+
+def build() -> str:
+    """Compile the library (no CPU check: the image build host may differ); its path."""
+    return LIBRARY.build()
 
 
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call; False when that
     fails, with the reason in ``why_not()`` and the log)."""
-    global _lib, _tried, _why_not
-    if _tried:
-        return _lib is not None
-    with _lock:
-        if not _tried:
-            try:
-                _lib = _load()
-            except Exception as exc:  # noqa: BLE001 - any failure means: keep the GEMM path
-                _why_not = f"{type(exc).__name__}: {exc}"
-                log.warning("LoRA expand kernel unavailable (%s); mixed steps keep the oneDNN GEMM", _why_not)
-            _tried = True
-    return _lib is not None
+    return LIBRARY.available()
 
 
 def why_not() -> str | None:
     """Why ``available()`` is False (None when it is True or was not asked yet)."""
-    return _why_not
+    return LIBRARY.why_not
 
 
 def usable(n_tokens: int) -> bool:
@@ -359,13 +340,12 @@ class ExpandPlan:
         each token t, each member and each of t's segments s = (slot_s, w_s), rows_s that slot's
         rows in the member. y [N, >= width] and u [N, >= u_width] bf16 CPU tensors with unit
         column strides (row strides may be anything: both may be column slices of one output)."""
-        if _lib is None and not available():
-            raise RuntimeError(f"the LoRA expand kernel is unavailable: {_why_not}")
+        lib = LIBRARY.loaded()
         n = y.shape[0]
         if not (y.dtype == u.dtype == torch.bfloat16 and y.stride(1) == 1 and u.stride(1) == 1 and u.shape[0] == n == tokens.n
                 and y.shape[1] >= self.width and u.shape[1] >= self.u_width and y.device.type == u.device.type == "cpu"):
             raise ValueError(f"expand: y {tuple(y.shape)} {y.dtype} and u {tuple(u.shape)} {u.dtype} do not fit this plan ({tokens.n} tokens, width {self.width}, u width {self.u_width})")
-        skipped = _lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count)
+        skipped = lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count)
         if skipped:
             raise RuntimeError(f"the expand kernel left out {skipped} segments (a slot past its pair buffer)")
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from loraplex.server.engine import attention_kernel
+
 ATTENTION_NAME = "loraplex_rows"
 
 #: decode attention with a kv head's query heads folded into query positions (see attend_flat);
@@ -54,13 +56,18 @@ class StepPlan:
     decode_mask: torch.Tensor | None  # [decode_rows, 1, 1, decode_len] bool
     chunks: list[_Chunk]
     decode_in_order: bool = False  # decode tokens are rows 0..num_decode-1 in order: no scatter/gather
+    decode_slots32: torch.Tensor | None = None  # [num_decode] int32: the decode kernel's rows ...
+    decode_lens32: torch.Tensor | None = None  # ... and lengths (positions [0, len) of its row)
 
 
 class KvCache:
     """K/V buffers for up to ``max_rows`` sequences of up to ``max_len`` positions each."""
 
-    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, max_rows: int, max_len: int, initial_len: int = 128, min_rows: int = 1) -> None:
+    def __init__(self, *, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device, max_rows: int, max_len: int, initial_len: int = 128, min_rows: int = 1, decode_kernel: bool = False) -> None:
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
+        #: decode tokens attend through attention_kernel where it fits (bf16 on CPU), else SDPA
+        self.decode_kernel = decode_kernel
+        self.kernel_calls = 0  # layers whose decode attention ran in the kernel (tests count it)
         # buffers hold at least min_rows rows even when max_rows is smaller (the compiled one-row
         # step takes the row count as a dynamic size, and torch.compile specializes sizes of 1)
         self.min_rows = min_rows
@@ -175,7 +182,7 @@ class KvCache:
                 # query i (position start+i) sees keys 0..start+i
                 q = torch.arange(chunk.start_pos, chunk.start_pos + chunk.n, device=dev)[:, None]
                 chunk.mask = torch.arange(chunk.start_pos + chunk.n, device=dev)[None, :] <= q
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = decode_slots32 = decode_lens32 = None
         decode_rows = decode_len = 0
         if decode:
             decode_rows = max(decode) + 1
@@ -186,6 +193,9 @@ class KvCache:
             valid = torch.tensor(lengths, dtype=torch.long, device=dev)
             decode_mask = (torch.arange(decode_len, device=dev)[None, :] < valid[:, None])[:, None, None, :]
             decode_slots = torch.tensor(decode, dtype=torch.long, device=dev)
+            if self.decode_kernel:
+                decode_slots32 = torch.tensor(decode, dtype=torch.int32)
+                decode_lens32 = torch.tensor([self.lengths[s] for s in decode], dtype=torch.int32)
         return StepPlan(
             cache=self,
             token_slots=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -197,6 +207,8 @@ class KvCache:
             decode_mask=decode_mask,
             chunks=planned,
             decode_in_order=decode == list(range(len(decode))),
+            decode_slots32=decode_slots32,
+            decode_lens32=decode_lens32,
         )
 
     def attend(self, layer: int, plan: StepPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -214,7 +226,11 @@ class KvCache:
         q = q.to(k_buf.dtype)
         parts: list[torch.Tensor] = []
         nd = plan.num_decode
-        if nd:
+        if nd and plan.decode_lens32 is not None and attention_kernel.fits(q, k_buf):
+            # bf16 on CPU: the C kernel reads each token's own row and length (no mask, no padding)
+            parts.append(attention_kernel.decode(q[:nd], k_buf, v_buf, plan.decode_slots32, plan.decode_lens32, scaling))  # [nd, heads, d]
+            self.kernel_calls += 1
+        elif nd:
             _, heads, d = q.shape
             q_dec = q[:nd, :, None, :]  # [nd, heads, 1, d]
             if plan.decode_in_order:  # rows 0..nd-1 decode, in order (every row, or one stream)

@@ -8,7 +8,8 @@ Whatever is found there is loaded into the server, so both the folder and the fi
 (not symlinks), owned by this user (or by root, for an explicitly named folder only) and closed
 to writes by others; anything else is refused with the reason.
 
-Owns: the folder and its checks, the compiler call, the CPU-feature check. Knows nothing of LoRA,
+Owns: the folder and its checks, the compiler call, the CPU-feature check, and ``Library`` (one
+library loaded once, with the reason kept when it cannot be). Knows nothing of LoRA,
 tensors or models: a name, C source, compiler flags and the /proc/cpuinfo flags they need.
 """
 
@@ -16,11 +17,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import stat
 import subprocess
 import tempfile
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
 
 
 def _trusted(path: str, *, explicit: bool, kind: str) -> None:
@@ -93,3 +99,44 @@ def load(name: str, source: str, cflags: list[str], cpu_flags: tuple[str, ...]) 
     path = build(name, source, cflags)
     _trusted(path, explicit=bool(os.environ.get("LORAPLEX_KERNEL_DIR")), kind="kernel library")
     return ctypes.CDLL(path)
+
+
+class Library:
+    """One C library loaded on first use: ``available()`` builds and loads it once (thread-safe)
+    and is False, with the reason in ``why_not`` and one warning in the log, when the CPU lacks
+    the flags, there is no compiler, the build fails, the folder is not trusted or ``check``
+    (called with the loaded library: set argtypes, compare limits) raises. ``fallback`` says in
+    that warning what runs instead."""
+
+    def __init__(self, name: str, source: str, cflags: list[str], cpu_flags: tuple[str, ...], check: Callable[[ctypes.CDLL], None], *, fallback: str) -> None:
+        self.name, self.source, self.cflags, self.cpu_flags = name, source, cflags, cpu_flags
+        self._check, self._fallback = check, fallback
+        self._lock = threading.Lock()
+        self._lib: ctypes.CDLL | None = None
+        self._tried = False
+        self.why_not: str | None = None
+
+    def build(self) -> str:
+        """Compile now (no CPU check: an image build host may differ); the library's path."""
+        return build(self.name, self.source, self.cflags)
+
+    def available(self) -> bool:
+        if self._tried:
+            return self._lib is not None
+        with self._lock:
+            if not self._tried:
+                try:
+                    lib = load(self.name, self.source, self.cflags, self.cpu_flags)
+                    self._check(lib)
+                    self._lib = lib
+                except Exception as exc:  # noqa: BLE001 - any failure means: keep the torch path
+                    self.why_not = f"{type(exc).__name__}: {exc}"
+                    log.warning("%s kernel unavailable (%s); %s", self.name, self.why_not, self._fallback)
+                self._tried = True
+        return self._lib is not None
+
+    def loaded(self) -> ctypes.CDLL:
+        """The library; raises RuntimeError with the reason when it is unavailable."""
+        if self._lib is None and not self.available():
+            raise RuntimeError(f"the {self.name} kernel is unavailable: {self.why_not}")
+        return self._lib  # type: ignore[return-value]

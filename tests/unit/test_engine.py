@@ -310,3 +310,46 @@ def test_a_failed_forward_ends_everything_and_the_engine_goes_on(tiny_base, adap
     engine.admit(again)
     run_engine(engine, {})
     assert again_sink.tokens == expected("a", PROMPTS[0])
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny random Llama with 32-wide heads (4 heads over 2 kv heads): the decode attention
+    kernel's smallest head size (the default tiny base's heads are 16 wide and keep SDPA)."""
+    from tests.conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("wide-llama"), smol_tokenizer_dir, seed=4, hidden=128)
+
+
+@pytest.mark.parametrize("attention", ["kernel", "sdpa"])
+def test_bf16_decode_attention_kernel_agrees_with_peft(wide_base, tmp_path, attention):
+    """Mixed decode + prefill steps at bf16 where decode tokens attend through the C kernel
+    (counted: it must run exactly when it builds here) or through SDPA, rows of different
+    lengths and adapters in one batch, checked against peft's bf16 logits with the measured
+    tolerance of the test above. A long prompt arriving late makes rows' lengths differ by
+    dozens of positions and crosses the kernel's 64-position softmax blocks."""
+    from loraplex.server.engine import attention_kernel
+
+    adapters = {"a": make_random_adapter(wide_base, tmp_path / "a", seed=11), "b": make_random_adapter(wide_base, tmp_path / "b", seed=12, r=8, targets=("q_proj", "v_proj"))}
+    engine = _engine(wide_base, adapters, dtype=torch.bfloat16, max_batch_size=8, max_num_batched_tokens=32, decode_attention=attention)
+    long_prompt = [1] + list(range(700, 770))  # 71 tokens
+    plan = [(PROMPTS[0], "a"), (PROMPTS[2], "b"), (PROMPTS[1], None), (long_prompt, "a")]
+    requests = [_request(str(i), p, ad, 16) for i, (p, ad) in enumerate(plan)]
+    run_engine(engine, {0: [r for r, _ in requests[:3]], 3: [requests[3][0]]})
+    ties = steps = 0
+    for (prompt, adapter), (_, sink) in zip(plan, requests):
+        assert len(sink.tokens) == 16
+        folder = adapters[adapter] if adapter else None
+        bf16 = reference_logits(wide_base, folder, prompt + sink.tokens, dtype=torch.bfloat16)
+        noise = float((bf16 - reference_logits(wide_base, folder, prompt + sink.tokens)).abs().max())
+        ties += check_greedy_within(bf16, len(prompt), sink.tokens, tol=max(2 * noise, 1e-3))
+        steps += 16
+    assert steps - ties >= steps // 4
+    uses_kernel = attention == "kernel" and attention_kernel.available()
+    assert (engine.kv.kernel_calls > 0) == uses_kernel, (engine.kv.kernel_calls, engine.attention_reason)
+    assert engine.attention_reason.startswith("C kernel" if uses_kernel else "SDPA"), engine.attention_reason
+
+
+def test_an_unknown_decode_attention_is_refused_naming_the_value(tiny_base):
+    with pytest.raises(ValueError, match="'flash'"):
+        _engine(tiny_base, {}, dtype=torch.bfloat16, decode_attention="flash")

@@ -113,11 +113,17 @@ def test_interleave_pairs_puts_rows_2p_and_2p_plus_1_side_by_side():
     assert got[1].tolist() == [8, 0, 9, 0, 10, 0, 11, 0]  # odd row count: a zero row appended
 
 
+@pytest.mark.parametrize("module", ["expand_kernel", "attention_kernel"])
 @pytest.mark.parametrize("planted", ["writable-by-others", "symlink"])
-def test_an_untrusted_kernel_folder_is_refused_and_the_gemm_path_stays(planted, tmp_path, monkeypatch):
+def test_an_untrusted_kernel_folder_is_refused_and_the_torch_path_stays(planted, module, tmp_path, monkeypatch):
     """A library found in the kernel folder is loaded into the server: a folder others can write
     (a planted library) or a symlink (re-pointable between the check and the load) is refused,
-    with the reason, and ``available()`` is False."""
+    with the reason, and ``available()`` is False (for each of the engine's kernels)."""
+    import importlib
+
+    from loraplex.server.engine import native
+
+    kernel = importlib.import_module(f"loraplex.server.engine.{module}")
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     folder = real
@@ -127,11 +133,10 @@ def test_an_untrusted_kernel_folder_is_refused_and_the_gemm_path_stays(planted, 
     else:
         real.chmod(0o777)
     monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
-    monkeypatch.setattr(expand_kernel, "_lib", None)
-    monkeypatch.setattr(expand_kernel, "_tried", False)
-    monkeypatch.setattr(expand_kernel, "_why_not", None)
-    assert not expand_kernel.available()
-    assert ("symlink" if planted == "symlink" else "writable by others") in expand_kernel.why_not()
+    old = kernel.LIBRARY
+    monkeypatch.setattr(kernel, "LIBRARY", native.Library(old.name, old.source, old.cflags, old.cpu_flags, old._check, fallback="(test)"))
+    assert not kernel.available()
+    assert ("symlink" if planted == "symlink" else "writable by others") in kernel.why_not()
     assert list(real.iterdir()) == []  # nothing was built or loaded there
 
 
