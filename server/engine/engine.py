@@ -173,7 +173,7 @@ class Engine(RowEngine):
             self.forward_path = "lean"
             lean, lock = self.lean, self.slot_table.lock
             self.slot_table.on_change.append(lambda: lean.schedule_refresh(lock))  # also drops the compiled step's cached inputs
-            log.info("engine forward: lean Llama; int4 decode GEMMs %s; compiled one-row decode %s; mixed-step LoRA expand %s", self.lean.int4_reason, self.lean.compile_reason, self.lean.expand_reason)
+            log.info("engine forward: lean Llama; int4 decode GEMMs %s; compiled one-row decode %s; mixed-step LoRA expand %s; element-wise steps %s", self.lean.int4_reason, self.lean.compile_reason, self.lean.expand_reason, self.lean.pointwise_reason)
         else:
             log.info("engine forward: transformers' (%s)", reason)
         log.info("engine decode attention: %s", self.attention_reason)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.server.engine import expand_kernel
+from loraplex.server.engine import expand_kernel, pointwise_kernel
 from loraplex.server.engine.compiled_decode import OneRowStep, why_not_available
 from loraplex.server.engine.int4 import Int4Weight, exact_int4
 from loraplex.server.engine import lora as lora_math
@@ -267,6 +267,9 @@ class LlamaStepForward:
             self.expand_reason = f"C kernel (steps up to {expand_kernel.MAX_TOKENS} tokens)"
         else:
             self.expand_reason = f"masked GEMM ({expand_kernel.why_not()})"
+        # residual + RMSNorm, SiLU * up and rotary as one C call each (bf16 on CPU; pointwise_kernel)
+        self.pointwise = dtype == torch.bfloat16 and torch.device(device).type == "cpu" and pointwise_kernel.available()
+        self.pointwise_reason = "C kernels" if self.pointwise else ("torch ops (the kernels run bf16 on CPU)" if dtype != torch.bfloat16 or torch.device(device).type != "cpu" else f"torch ops ({pointwise_kernel.why_not()})")
         _return_freed_memory()  # the replaced per-projection weights and the int4 check's temporaries
         # rotary cos/sin of every position, from the model's own rotary module: [max_len, d]
         positions = torch.arange(max_len, device=device)[None]
@@ -435,21 +438,35 @@ class LlamaStepForward:
         q_out = self.heads * self.head_dim
         kv_out = self.kv_heads * self.head_dim
         cache = plan.cache
+        fast = self.pointwise and pointwise_kernel.POINTWISE_KERNEL["enabled"]
+        down: torch.Tensor | None = None  # the previous layer's MLP output, not yet added to h
         for index, layer in enumerate(self.layers):
-            x = self._rms(h, layer.in_norm)  # [N, H]
+            if fast:  # h += down in place, then the norm: one call
+                x = pointwise_kernel.add_rms(h, down, layer.in_norm, self.eps)  # [N, H]
+            else:
+                h = h if down is None else h + down
+                x = self._rms(h, layer.in_norm)  # [N, H]
             qkv = layer.qkv.add_lora(layer.qkv_lora, x, *layer.qkv(x))  # [N, q_out + 2 kv_out]
-            qk = self._rotate(qkv[:, : q_out + kv_out].view(n, self.heads + self.kv_heads, self.head_dim), cos, sin)  # q and k heads together
+            qk_in = qkv[:, : q_out + kv_out].view(n, self.heads + self.kv_heads, self.head_dim)  # q and k heads together
+            qk = pointwise_kernel.rope(qk_in, cos, sin) if fast else self._rotate(qk_in, cos, sin)
             q, k = qk[:, : self.heads], qk[:, self.heads :]
             v = qkv[:, q_out + kv_out :].view(n, self.kv_heads, self.head_dim)
             attn = cache.attend_flat(index, plan, q, k, v, self.scale)  # [N, heads, d]
             attn = attn.reshape(n, q_out)
             o = layer.o_proj.add_lora(layer.o_lora, attn, *layer.o_proj(attn))  # [N, H]
-            h = h + o
-            x = self._rms(h, layer.post_norm)
+            if fast:
+                x = pointwise_kernel.add_rms(h, o, layer.post_norm, self.eps)
+            else:
+                h = h + o
+                x = self._rms(h, layer.post_norm)
             gate_up = layer.gate_up.add_lora(layer.gate_up_lora, x, *layer.gate_up(x))  # [N, 2 I]
             (g_lo, g_hi), (u_lo, u_hi) = layer.gate_up.spans
-            act = F.silu(gate_up[:, g_lo:g_hi]) * gate_up[:, u_lo:u_hi]  # [N, I]
+            if fast:
+                act = pointwise_kernel.silu_mul(gate_up[:, g_lo:g_hi], gate_up[:, u_lo:u_hi])  # [N, I]
+            else:
+                act = F.silu(gate_up[:, g_lo:g_hi]) * gate_up[:, u_lo:u_hi]  # [N, I]
             down = layer.down_proj.add_lora(layer.down_lora, act, *layer.down_proj(act))  # [N, H]
+        if down is not None:
             h = h + down
         h = h.index_select(0, keep)  # [K, H]
         return self.lm_head(self._rms(h, self.norm))  # [K, vocab]
