@@ -379,6 +379,7 @@ def _ab_switches(engine) -> dict:
         "adapters": ("adapter_rows", "base_rows", use_adapters),
         "decode_kernel": ("attention_kernel", "sdpa", lambda on: attention_kernel.DECODE_KERNEL.__setitem__("enabled", on)),
         "pointwise": ("pointwise_kernels", "torch_ops", lambda on: pointwise_kernel.POINTWISE_KERNEL.__setitem__("enabled", on)),
+        "expand_threads": ("expand_parallel", "expand_one_thread", lambda on: expand_kernel.EXPAND_KERNEL.__setitem__("parallel", on)),
     }
 
 
@@ -398,7 +399,7 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag, compile_decode, expand_kernel, adapters, decode_kernel, pointwise)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag, compile_decode, expand_kernel, adapters, decode_kernel, pointwise, expand_threads)")
     p.add_argument("--compile-decode", action="store_true", help="the engine's compiled one-row decode step (compiled before the phases: minutes on 2 cores, cached on disk)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "

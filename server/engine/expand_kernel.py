@@ -36,7 +36,11 @@ from loraplex.server.engine import native
 
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
-EXPAND_KERNEL = {"enabled": True}
+EXPAND_KERNEL = {"enabled": True, "parallel": True}
+
+#: steps of at least this many tokens share their token groups out over torch's OpenMP team;
+#: decode steps (64 rows) measured no faster that way, 512-token prefill steps were
+PARALLEL_TOKENS = 128
 
 #: steps with more tokens than this keep the GEMM. The kernel is single-threaded and the GEMM
 #: uses both cores, yet 512-token prefill steps measured faster with the kernel on this 2-core
@@ -157,13 +161,17 @@ int lora_expand_max_pairs(void) { return MAXPAIRS; }
 int64_t lora_expand_bf16(int64_t n, uint16_t *y, int64_t ys, const uint16_t *u, int64_t us,
                       const int32_t *tok_ptr, const int32_t *tok_slot, const float *tok_w,
                       const int32_t *grp_ptr, const int32_t *grp_tok, int64_t ngroups,
-                      const member_t *members, int64_t nmembers) {
-    static __thread uint32_t coef[MAXGROUP][MAXPAIRS];
+                      const member_t *members, int64_t nmembers, int threads) {
     int64_t skipped = 0;  /* segments left out (returned: the caller raises) */
-    const uint16_t *pairs[MAXPAIRS];
-    uint16_t *yr[MAXGROUP];
-    const uint16_t *ur[MAXGROUP];
+    /* groups shared out over the OpenMP team when the caller asks (each group writes only its
+       own tokens' rows of y): the library links the libgomp torch already loaded (the same
+       soname), so this reuses the team torch's parallel regions use on this thread */
+#pragma omp parallel for schedule(dynamic, 2) reduction(+ : skipped) num_threads(threads) if (threads > 1)
     for (int64_t gi = 0; gi < ngroups; gi++) {
+        static __thread uint32_t coef[MAXGROUP][MAXPAIRS];
+        const uint16_t *pairs[MAXPAIRS];
+        uint16_t *yr[MAXGROUP];
+        const uint16_t *ur[MAXGROUP];
         int nt = grp_ptr[gi + 1] - grp_ptr[gi];
         if (nt <= 0) continue;
         if (nt > MAXGROUP) nt = MAXGROUP;  /* never built that way */
@@ -243,7 +251,7 @@ int64_t lora_expand_bf16(void) { return -1; }
 
 #: explicit ISA flags (not -march=native), so a library built once (the CPU image builds it at
 #: image build time) runs on any CPU with these extensions, which are checked at load
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared", "-fno-math-errno"]
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fPIC", "-shared", "-fno-math-errno"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 _NAME = "lora_expand"
 
@@ -256,7 +264,7 @@ class _Member(ctypes.Structure):
 def _check(lib: ctypes.CDLL) -> None:
     fn = lib.lora_expand_bf16
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.POINTER(_Member), i64]
+    fn.argtypes = [i64, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, ctypes.POINTER(_Member), i64, ctypes.c_int]
     fn.restype = i64
     if not lib.lora_expand_fast():
         raise RuntimeError("the library was built without AVX512-BF16 (the kernel's dot-product instruction)")
@@ -345,7 +353,7 @@ class ExpandPlan:
         if not (y.dtype == u.dtype == torch.bfloat16 and y.stride(1) == 1 and u.stride(1) == 1 and u.shape[0] == n == tokens.n
                 and y.shape[1] >= self.width and u.shape[1] >= self.u_width and y.device.type == u.device.type == "cpu"):
             raise ValueError(f"expand: y {tuple(y.shape)} {y.dtype} and u {tuple(u.shape)} {u.dtype} do not fit this plan ({tokens.n} tokens, width {self.width}, u width {self.u_width})")
-        skipped = lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count)
+        skipped = lib.lora_expand_bf16(n, y.data_ptr(), y.stride(0), u.data_ptr(), u.stride(0), *tokens.pointers, self._members, self._count, torch.get_num_threads() if n >= PARALLEL_TOKENS and EXPAND_KERNEL["parallel"] else 1)
         if skipped:
             raise RuntimeError(f"the expand kernel left out {skipped} segments (a slot past its pair buffer)")
 

@@ -59,7 +59,7 @@ LAYOUT_B = {1: (0, 8), 3: (8, 16), 5: (24, 1)}  # slot 2 does not target this me
 
 
 @pytest.mark.parametrize("outs", [(256 + 64 + 16 + 5, 24), (576, 192), (1, 37)], ids=["every-column-path", "q-k-like", "narrow"])
-@pytest.mark.parametrize("n", [1, 7, 19, 64])  # 19: groups of 2 and 3 tokens sharing segments; 64: groups of 4
+@pytest.mark.parametrize("n", [1, 7, 19, 64, 300])  # 19: groups of 2 and 3 tokens sharing segments; 64: groups of 4; 300: past PARALLEL_TOKENS
 def test_the_kernel_equals_the_float64_sum(outs, n):
     full, width, members = _case(n, outs, [LAYOUT_A, LAYOUT_B], seed=n)
     items = [[1, 2, 3, 0, 5, ((1, 0.7), (3, 0.3)), ((2, -0.5), (2, 1.25), (5, 2.0)), ((3, 1.0), (0, 4.0))][i % 8] for i in range(n)]
@@ -81,6 +81,29 @@ def test_the_kernel_equals_the_float64_sum(outs, n):
     assert torch.equal(u, u_before)  # u (the same buffer's other columns) is read, never written
     lora = (expect - y0.double()).abs().max()
     assert n == 1 or float(lora) > 1.0  # not vacuous: the LoRA part is large against the tolerance
+
+
+def test_groups_shared_over_threads_give_the_one_thread_result_bit_for_bit():
+    """A prefill-sized step runs its token groups on torch's OpenMP team (2 threads forced here,
+    whatever the machine); each token's sum is the same arithmetic either way."""
+    n = 2 * expand_kernel.PARALLEL_TOKENS + 3
+    full, width, members = _case(n, (576, 192), [LAYOUT_A, LAYOUT_B], seed=3)
+    rows = [[[(1, 1.0)], [(3, 1.0)], [(2, 0.5), (5, 2.0)], [], [(5, 1.0)]][i % 5] for i in range(n)]
+    plan, segments = expand_kernel.ExpandPlan(members), expand_kernel.TokenSegments(rows)
+    threads = torch.get_num_threads()
+    outputs = []
+    try:
+        for parallel in (True, False):
+            torch.set_num_threads(2)
+            expand_kernel.EXPAND_KERNEL["parallel"] = parallel
+            y = full[:, :width].clone()
+            plan.run(y, full[:, width:], segments)
+            outputs.append(y)
+    finally:
+        torch.set_num_threads(threads)
+        expand_kernel.EXPAND_KERNEL["parallel"] = True
+    assert torch.equal(outputs[0], outputs[1])
+    assert not torch.equal(outputs[0], full[:, :width])
 
 
 def test_a_token_without_segments_is_left_bit_for_bit():
