@@ -25,7 +25,7 @@ import ctypes
 
 import torch
 
-from loraplex.server.engine import native
+from loraplex.server.engine import csimd, native
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 DECODE_KERNEL = {"enabled": True}
@@ -61,26 +61,7 @@ static inline __m512 load16(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 
-/* e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative
-   error about 2e-7, below bf16's and fp32 softmax noise), times 2^n by scalef; x below -87
-   gives 0 (what a softmax term that small rounds to anyway). */
-static inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
-}
-
+""" + csimd.EXP16 + r"""
 /* lane j of the result = the sum of a[j]'s 16 lanes: pairs interleaved and added (unpack), then
    quads (shuffle), then across the four 128-bit lanes (shuffle_f32x4), 45 instructions for 16
    sums where 16 separate reductions take about 8 each */
@@ -241,14 +222,10 @@ def _check(lib: ctypes.CDLL) -> None:
 LIBRARY = native.Library("decode_attention", _SOURCE, _FLAGS, _CPU_FLAGS, _check, fallback="decode attention keeps torch's SDPA")
 
 
-def build() -> str:
-    """Compile the library (no CPU check: the image build host may differ); its path."""
-    return LIBRARY.build()
-
-
-def available() -> bool:
-    """Whether the kernel is built and loaded (builds it on the first call)."""
-    return LIBRARY.available()
+#: compile the library now (no CPU check: an image build host may differ); its path
+build = LIBRARY.build
+#: whether the kernel is built and loaded (builds it on the first call)
+available = LIBRARY.available
 
 
 def why_not() -> str | None:

@@ -22,7 +22,7 @@ import ctypes
 
 import torch
 
-from loraplex.server.engine import native
+from loraplex.server.engine import csimd, native
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 POINTWISE_KERNEL = {"enabled": True}
@@ -56,25 +56,7 @@ static inline void store16(uint16_t *p, __m512 v, __mmask16 live) {
 }
 static inline __mmask16 tail(int64_t left) { return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1); }
 
-/* e^x for 16 lanes (see attention_kernel: degree-6 polynomial, scalef; below -87 gives 0) */
-static inline __m512 exp16(__m512 x) {
-    const __m512 lo = _mm512_set1_ps(-87.0f);
-    __mmask16 tiny = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-    x = _mm512_max_ps(x, lo);
-    x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_maskz_mov_ps(~tiny, _mm512_scalef_ps(p, n));
-}
-
+""" + csimd.EXP16 + r"""
 /* h[t] += delta[t] (rounded to bf16; skipped when delta is NULL), then
    out[t] = bf16(w * bf16(h[t] / sqrt(mean(h[t]^2) + eps))): transformers' LlamaRMSNorm on bf16
    (normalised in fp32, cast back, scaled at bf16). Strides in elements. */
@@ -163,13 +145,10 @@ def _check(lib: ctypes.CDLL) -> None:
 LIBRARY = native.Library("pointwise", _SOURCE, _FLAGS, _CPU_FLAGS, _check, fallback="the lean forward keeps torch's element-wise ops")
 
 
-def build() -> str:
-    """Compile the library (no CPU check: the image build host may differ); its path."""
-    return LIBRARY.build()
-
-
-def available() -> bool:
-    return LIBRARY.available()
+#: compile the library now (no CPU check: an image build host may differ); its path
+build = LIBRARY.build
+#: whether the kernel is built and loaded (builds it on the first call)
+available = LIBRARY.available
 
 
 def why_not() -> str | None:

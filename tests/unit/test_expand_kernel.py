@@ -157,9 +157,9 @@ def test_an_untrusted_kernel_folder_is_refused_and_the_torch_path_stays(planted,
         real.chmod(0o777)
     monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
     old = kernel.LIBRARY
-    monkeypatch.setattr(kernel, "LIBRARY", native.Library(old.name, old.source, old.cflags, old.cpu_flags, old._check, fallback="(test)"))
-    assert not kernel.available()
-    assert ("symlink" if planted == "symlink" else "writable by others") in kernel.why_not()
+    fresh = native.Library(old.name, old.source, old.cflags, old.cpu_flags, old._check, fallback="(test)")  # as the module's, not yet loaded
+    assert not fresh.available()
+    assert ("symlink" if planted == "symlink" else "writable by others") in fresh.why_not
     assert list(real.iterdir()) == []  # nothing was built or loaded there
 
 
