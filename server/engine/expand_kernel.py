@@ -42,9 +42,9 @@ EXPAND_KERNEL = {"enabled": True, "parallel": True}
 #: decode steps (64 rows) measured no faster that way, 512-token prefill steps were
 PARALLEL_TOKENS = 128
 
-#: steps with more tokens than this keep the GEMM. The kernel is single-threaded and the GEMM
-#: uses both cores, yet 512-token prefill steps measured faster with the kernel on this 2-core
-#: CPU (docs/benchmarks.md, seventh engine-v2 session); larger steps were not measured
+#: steps with more tokens than this keep the GEMM: 512-token prefill steps measured faster with
+#: the kernel on this 2-core CPU even on one thread (docs/benchmarks.md, seventh engine-v2
+#: session), and faster again on torch's OpenMP team (eighth); larger steps were not measured
 MAX_TOKENS = 1024
 
 #: tokens per group sharing B loads, and row pairs gathered per token and member at a time: the
@@ -153,7 +153,7 @@ static inline void prefetch_rows(const member_t *m, const int32_t *tok_ptr, cons
    fp32 with y's value and rounded to bf16 once.
    Tokens come in groups (grp_tok[grp_ptr[i] .. grp_ptr[i+1]), at most MAXGROUP) whose segments
    are identical, so a group reads each B row once; any grouping gives the same result.
-   Single-threaded: it runs between torch's parallel regions, whose threads still spin.
+   threads > 1 shares the groups out over the calling thread's OpenMP team (see the loop).
    Strides in elements. */
 int lora_expand_max_group(void) { return MAXGROUP; }
 int lora_expand_max_pairs(void) { return MAXPAIRS; }
