@@ -12,8 +12,11 @@ row, so rows of different lengths cost only their own length.
 
 Built and loaded by ``native`` like the LoRA expand kernel (gcc, explicit ISA flags checked
 against /proc/cpuinfo); ``available()`` is False, with the reason logged once, when that fails,
-and the cache keeps SDPA. Single-threaded: torch's OpenMP workers keep spinning after each
-parallel region, so threads started here would fight them (the expand kernel measured that).
+and the cache keeps SDPA. The (token, kv head) pairs are shared out with OpenMP over the team
+torch itself uses on the calling thread: the library is built with ``-fopenmp`` and loads after
+torch, so its ``libgomp.so.1`` is torch's. Threads of its own would fight torch's workers, which
+keep spinning after each parallel region (the expand kernel measured that); on one thread the
+kernel was no faster than SDPA inside a step, which reads every row's K/V once per layer.
 
 Owns the kernel's source and its call. Knows nothing of the cache's bookkeeping, adapters or
 models: a query tensor, two KV buffers, and per token its row and length.
@@ -236,11 +239,12 @@ def why_not() -> str | None:
 def fits(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
     """Whether a step with these query and cache tensors can take the kernel: bf16 CPU tensors,
     a head size that is a multiple of 32 up to ``MAX_HEAD_DIM``, at most ``MAX_GROUP`` query
-    heads per kv head, the switch on and the library loaded."""
+    heads per kv head, a contiguous last dimension of q and contiguous buffers (what ``decode``
+    requires), the switch on and the library loaded."""
     heads, d = q.shape[1], q.shape[2]
     kv_heads = k_buf.shape[1]
     return (DECODE_KERNEL["enabled"] and q.dtype == k_buf.dtype == torch.bfloat16 and q.device.type == k_buf.device.type == "cpu"
-            and d % 32 == 0 and d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
+            and q.stride(2) == 1 and k_buf.is_contiguous() and d % 32 == 0 and d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
             and available())
 
 

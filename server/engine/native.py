@@ -71,7 +71,9 @@ def build(name: str, source: str, cflags: list[str]) -> str:
     path = library_path(name, source, cflags)
     if os.path.lexists(path):
         return path
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    # gcc first: its -fopenmp links libgomp, the runtime torch's CPU wheels carry (same soname),
+    # where clang's would link LLVM's libomp, a second OpenMP runtime (refused at load)
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         raise RuntimeError(f"no C compiler (cc/gcc) on PATH and no prebuilt {path}")
     fd, src = tempfile.mkstemp(suffix=".c", dir=os.path.dirname(path))
@@ -98,7 +100,26 @@ def load(name: str, source: str, cflags: list[str], cpu_flags: tuple[str, ...]) 
         raise RuntimeError(missing)
     path = build(name, source, cflags)
     _trusted(path, explicit=bool(os.environ.get("LORAPLEX_KERNEL_DIR")), kind="kernel library")
-    return ctypes.CDLL(path)
+    lib = ctypes.CDLL(path)
+    if "-fopenmp" in cflags:
+        foreign = _foreign_openmp()
+        if foreign:
+            raise RuntimeError(f"{path} brought in {foreign}, an OpenMP runtime other than torch's libgomp (build it with gcc: CC=gcc)")
+    return lib
+
+
+def _foreign_openmp() -> str | None:
+    """An OpenMP runtime other than GNU libgomp mapped into this process (LLVM's libomp, Intel's
+    libiomp5), or None: two runtimes would each keep a team of spinning threads."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = os.path.basename(line.split()[-1]) if "/" in line else ""
+                if name.startswith(("libomp.so", "libiomp5")):
+                    return name
+    except OSError:
+        return None
+    return None
 
 
 class Library:

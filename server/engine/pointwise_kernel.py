@@ -7,7 +7,8 @@ arithmetic: on a 64-row decode step of the embedded base they took about 10 ms o
 80 (RMSNorm 75 us, SiLU * up 81 us, rotary 92 us per layer measured alone). One C call each does
 the same rounding steps as the torch ops it replaces (every bf16 result rounded to nearest even
 where torch rounds it), so the outputs are those of the torch ops except where the fp32 sum of
-squares or ``exp`` differ in their last bits.
+squares or ``exp`` differ in their last bits, and for results below about 1e-38 (the bf16
+conversion flushes subnormals to zero, torch keeps them).
 
 Rows are shared out with OpenMP over torch's own team, as in ``attention_kernel`` (the library
 links the libgomp torch loaded). Built and loaded by ``native``; callers keep the torch ops when

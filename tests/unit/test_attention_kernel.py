@@ -80,10 +80,12 @@ def test_refused_shapes_name_what_does_not_fit():
     with pytest.raises(ValueError, match="do not fit"):
         attention_kernel.decode(q, k, k, ok, ok.long(), 0.1)  # int64 lengths
     with pytest.raises(ValueError, match="do not fit"):
-        attention_kernel.decode(q, k[..., :32], k[..., :32], ok, ok, 0.1)  # head sizes differ
+        narrow = k[..., :32].contiguous()
+        attention_kernel.decode(q, narrow, narrow, ok, ok, 0.1)  # head sizes differ (q 64, K/V 32)
     with pytest.raises(ValueError, match="refused"):
         attention_kernel.decode(torch.zeros(1, 3, 64, dtype=torch.bfloat16), k, k, ok, ok + 1, 0.1)  # 3 heads over 2 kv heads
     odd = torch.zeros(2, 2, 8, 48, dtype=torch.bfloat16)
     assert not attention_kernel.fits(torch.zeros(1, 4, 48, dtype=torch.bfloat16), odd)  # 48 is not a multiple of 32
     assert not attention_kernel.fits(q.float(), k.float())  # fp32 keeps SDPA
+    assert not attention_kernel.fits(q, k[:, :, ::2])  # a strided cache: decode() would refuse it
     assert attention_kernel.fits(q, k)

@@ -216,3 +216,21 @@ def test_a_mix_past_one_gather_is_summed_over_several_and_slots_past_the_table_a
     torch.testing.assert_close(y.double(), _bf16(expect), rtol=BF16_ULP, atol=BF16_ULP * float(expect.abs().max()))
     assert torch.equal(y[3::4], y0[3::4])  # slot 9: no rows anywhere
     assert not torch.allclose(y[0].double(), y[1].double())  # different weights, different sums
+
+
+def test_a_second_openmp_runtime_is_named(monkeypatch, tmp_path):
+    """The kernels share torch's libgomp team; a library built by a compiler whose -fopenmp links
+    LLVM's libomp (or Intel's libiomp5) would start a second runtime, and is refused by name.
+    The process map is a file written here (this process has only libgomp)."""
+    import builtins
+
+    from loraplex.server.engine import native
+
+    assert native._foreign_openmp() is None  # this very process: torch's libgomp only
+    real_open = builtins.open
+    for mapped, expected in (("/usr/lib/llvm-17/lib/libomp.so.5", "libomp.so.5"), ("/opt/x/libiomp5.so", "libiomp5.so"), ("/venv/torch/lib/libgomp.so.1", None)):
+        maps = tmp_path / "maps"
+        maps.write_text(f"7f00-7f01 r-xp 00000000 08:01 42 {mapped}\n7f02-7f03 rw-p 00000000 00:00 0\n")
+        monkeypatch.setattr(builtins, "open", lambda path, *a, _m=str(maps), **k: real_open(_m if path == "/proc/self/maps" else path, *a, **k))
+        assert native._foreign_openmp() == expected
+        monkeypatch.setattr(builtins, "open", real_open)

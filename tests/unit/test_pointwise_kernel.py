@@ -1,6 +1,7 @@
 """The C element-wise kernels (server/engine/pointwise_kernel.py) against the torch ops they
 replace in the lean forward, on bf16: rotary must be bit-identical (the same three roundings of
-products and a sum); residual add + RMSNorm and SiLU * up may differ only where an fp32 sum of
+products and a sum; no input here has subnormal results, which the kernel's bf16 conversion
+flushes to zero); residual add + RMSNorm and SiLU * up may differ only where an fp32 sum of
 squares or exp differs in its last bits, so at most one bf16 step on a tiny share of elements.
 Widths that are not multiples of 16 (masked tails), one row and many, strided column slices."""
 
