@@ -236,6 +236,11 @@ def why_not() -> str | None:
     return LIBRARY.why_not
 
 
+def shape_fits(heads: int, kv_heads: int, d: int) -> bool:
+    """Whether the kernel takes a model with these head counts and head size."""
+    return d % 32 == 0 and d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
+
+
 def fits(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
     """Whether a step with these query and cache tensors can take the kernel: bf16 CPU tensors,
     a head size that is a multiple of 32 up to ``MAX_HEAD_DIM``, at most ``MAX_GROUP`` query
@@ -244,7 +249,7 @@ def fits(q: torch.Tensor, k_buf: torch.Tensor) -> bool:
     heads, d = q.shape[1], q.shape[2]
     kv_heads = k_buf.shape[1]
     return (DECODE_KERNEL["enabled"] and q.dtype == k_buf.dtype == torch.bfloat16 and q.device.type == k_buf.device.type == "cpu"
-            and q.stride(2) == 1 and k_buf.is_contiguous() and d % 32 == 0 and d <= MAX_HEAD_DIM and kv_heads > 0 and heads % kv_heads == 0 and heads // kv_heads <= MAX_GROUP
+            and q.stride(2) == 1 and k_buf.is_contiguous() and shape_fits(heads, kv_heads, d)
             and available())
 
 

@@ -150,10 +150,11 @@ class Engine(RowEngine):
         config = model.config
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.attention_reason = self._decode_attention(decode_attention)
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        self.attention_reason = self._decode_attention(decode_attention, heads, kv_heads, head_dim)
         self.kv = KvCache(
             num_layers=config.num_hidden_layers,
-            kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+            kv_heads=kv_heads,
             head_dim=head_dim,
             dtype=self.dtype,
             device=self.device,
@@ -179,7 +180,7 @@ class Engine(RowEngine):
         log.info("engine decode attention: %s", self.attention_reason)
         self.running: list[_Row] = []
 
-    def _decode_attention(self, choice: str) -> str:
+    def _decode_attention(self, choice: str, heads: int, kv_heads: int, head_dim: int) -> str:
         """Which decode attention runs, and why (the startup log and the backend description)."""
         if choice not in ("kernel", "sdpa"):
             raise ValueError(f"decode_attention must be 'kernel' or 'sdpa', got {choice!r}")
@@ -187,6 +188,8 @@ class Engine(RowEngine):
             return "SDPA (--decode-attention sdpa)"
         if self.dtype != torch.bfloat16 or self.device.type != "cpu":
             return f"SDPA (the C kernel runs bf16 on CPU; this engine is {str(self.dtype).replace('torch.', '')} on {self.device.type})"
+        if not attention_kernel.shape_fits(heads, kv_heads, head_dim):
+            return f"SDPA (the C kernel takes head sizes that are multiples of 32 up to {attention_kernel.MAX_HEAD_DIM} and up to {attention_kernel.MAX_GROUP} query heads per kv head; this model has {heads} heads of {head_dim} over {kv_heads})"
         if not attention_kernel.available():
             return f"SDPA ({attention_kernel.why_not()})"
         return "C kernel (bf16, each token over its own row and length)"

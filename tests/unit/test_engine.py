@@ -346,8 +346,20 @@ def test_bf16_decode_attention_kernel_agrees_with_peft(wide_base, tmp_path, atte
     uses_kernel = attention == "kernel" and attention_kernel.available()
     assert (engine.kv.kernel_calls > 0) == uses_kernel, (engine.kv.kernel_calls, engine.attention_reason)
     assert engine.attention_reason.startswith("C kernel" if uses_kernel else "SDPA"), engine.attention_reason
+    from loraplex.server.engine import pointwise_kernel
+
+    assert engine.lean.pointwise == pointwise_kernel.available(), engine.lean.pointwise_reason  # the element-wise kernels ran in these steps where they build
 
 
 def test_an_unknown_decode_attention_is_refused_naming_the_value(tiny_base):
     with pytest.raises(ValueError, match="'flash'"):
         _engine(tiny_base, {}, dtype=torch.bfloat16, decode_attention="flash")
+
+
+def test_the_decode_attention_reason_names_a_head_size_the_kernel_does_not_take(tiny_base):
+    """The default tiny base has 16-wide heads: its bf16 engine logs SDPA and says why, and never
+    builds the kernel's per-step tables."""
+    engine = _engine(tiny_base, {}, dtype=torch.bfloat16)
+    assert engine.attention_reason.startswith("SDPA (the C kernel takes head sizes"), engine.attention_reason
+    assert "4 heads of 16 over 2" in engine.attention_reason
+    assert not engine.kv.decode_kernel
