@@ -128,12 +128,13 @@ def _torch_backend(settings: ServerSettings) -> Backend:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         int4_decode_rows=settings.int4_decode_rows,
         compile_decode=settings.compile_decode,
+        decode_row=settings.decode_row,
         lora_expand=settings.lora_expand,
         decode_attention=settings.decode_attention,
     )
 
     dtype = str(getattr(engine, "dtype", "")).replace("torch.", "")
-    forward = engine.forward_path + (f" (int4 decode GEMMs {engine.lean.int4_reason}; compiled one-row decode {engine.lean.compile_reason}; mixed-step LoRA expand {engine.lean.expand_reason}; element-wise steps {engine.lean.pointwise_reason})" if engine.lean is not None else "") + f", decode attention {engine.attention_reason}"
+    forward = engine.forward_path + (f" (int4 decode GEMMs {engine.lean.int4_reason}; one-row decode step {engine.lean.row_reason}; compiled one-row decode {engine.lean.compile_reason}; mixed-step LoRA expand {engine.lean.expand_reason}; element-wise steps {engine.lean.pointwise_reason})" if engine.lean is not None else "") + f", decode attention {engine.attention_reason}"
     return Backend(ref, tokenizer, engine, shapes, f"torch {dtype}, quantization {quantize} on {device}, {forward} forward", torch_payload)
 
 

@@ -187,6 +187,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     http = guarded_protocol(header_timeout=settings.http_header_timeout, body_timeout=settings.http_body_timeout, max_connections=settings.http_max_connections)
     server = _Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level, http=http,
                                     timeout_keep_alive=settings.http_keep_alive_timeout, timeout_graceful_shutdown=settings.shutdown_timeout + 5))
+    # the event loop's thread: any torch it calls runs on one thread (engine/cpu_threads.py);
+    # ENGINE_THREADS was taken on this thread before (importing runtime)
+    from loraplex.server.engine import cpu_threads
+
+    cpu_threads.helper_thread()
     server.run()
     if failures:
         print(f"loraplex serve: error: {failures[0]}", file=sys.stderr)

@@ -15,6 +15,7 @@ import logging
 import os
 
 from loraplex.server import lifecycle
+from loraplex.server.engine import cpu_threads
 from loraplex.server.api.http.app import create_app
 from loraplex.server.readiness import Readiness
 from loraplex.server.settings import ServerSettings
@@ -73,7 +74,8 @@ def create_server_app(settings: ServerSettings, on_fatal=None):
         try:
             # Test hook: hold the "loading" phase open so probes can observe it (never set in production).
             await asyncio.sleep(float(os.environ.get("LORAPLEX_TEST_STARTUP_DELAY", "0")))
-            runtime = await asyncio.to_thread(build_runtime, settings, readiness)
+            # its own thread, which ends: loading uses every core, and no OpenMP pool outlives it
+            runtime = await cpu_threads.in_own_thread(build_runtime, settings, readiness)
             holder["runtime"] = runtime
             app.state.metrics = runtime.metrics
             app.state.service = runtime.service
@@ -88,6 +90,9 @@ def create_server_app(settings: ServerSettings, on_fatal=None):
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        # asyncio.to_thread's threads (adapter reads, installs, grammar compiles) run torch on one
+        # thread each: only the engine thread keeps an OpenMP team (engine/cpu_threads.py)
+        asyncio.get_running_loop().set_default_executor(cpu_threads.helper_executor("loraplex-io"))
         grpc_front = await _start_grpc(settings, app, readiness) if settings.grpc_port else None
         app.state.grpc = grpc_front
         task = asyncio.create_task(boot(app))

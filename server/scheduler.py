@@ -26,6 +26,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from loraplex.server.engine import cpu_threads
 from loraplex.server.engine.protocol import Engine
 from loraplex.server.engine.rows import (
     ALL_FEATURES,
@@ -144,6 +145,7 @@ class Scheduler:
         return bool(self.commands or self.cancels or self.waiting or self.engine.num_running)
 
     def _loop(self) -> None:
+        cpu_threads.engine_thread()  # the process's one OpenMP team (engine/cpu_threads.py)
         while True:
             with self._cv:
                 while not self._stop and not self._has_work():

@@ -49,6 +49,10 @@ class ServerSettings(BaseSettings):
         False,
         description="torch backend with int4 decode GEMMs: compile the one-row decode step with torch.compile for single streams (needs g++; each signature, the adapter's targets and ranks or the bare base, compiles in the background on first use: minutes of a core, seconds from inductor's disk cache; docs/benchmarks.md)",
     )
+    decode_row: Literal["kernel", "torch"] = Field(
+        "kernel",
+        description="torch backend with int4 decode GEMMs (the embedded base at bf16 on CPU): how a stream decoding alone (nothing else in the step) steps; kernel = the whole step, every layer, as one C call (built with gcc on first use, needs AVX512-BF16; else torch, logged), torch = one torch op at a time (or the compiled step with --compile-decode) (docs/benchmarks.md)",
+    )
     lora_expand: Literal["kernel", "gemm"] = Field(
         "kernel",
         description="torch backend at bf16 on CPU: how mixed steps add each token's LoRA B product; kernel = one C call per projection group reading only each token's own adapter rows (built with gcc on first use, needs AVX512-BF16; else the gemm path, logged), gemm = masked oneDNN GEMMs (docs/benchmarks.md)",

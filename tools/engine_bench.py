@@ -315,7 +315,7 @@ def compile_one_row(engine, names, args) -> None:
 
 #: --ab switches: name -> (label of A, label of B, a function that sets the switch)
 def _ab_switches(engine) -> dict:
-    from loraplex.server.engine import attention_kernel, expand_kernel, kvcache, lora, pointwise_kernel, sampling
+    from loraplex.server.engine import attention_kernel, expand_kernel, kvcache, lora, pointwise_kernel, row_kernel, sampling
 
     small = lora.SMALL_M_FP32
     lean = engine.lean
@@ -366,6 +366,7 @@ def _ab_switches(engine) -> dict:
     return {
         "lean": ("lean", "transformers", use_lean),
         "int4": ("int4", "bf16_gemm", use_int4),
+        "row_kernel": ("c_row_step", "per_op_row_step", lambda on: row_kernel.ROW_KERNEL.__setitem__("enabled", on)),
         "grouped": ("grouped_lora", "per_module_lora", lambda on: lora.GROUPED_LORA.__setitem__("enabled", on)),
         "packed": ("packed", "plain", lambda on: lora.PACKED_LINEARS.__setitem__("enabled", on)),
         "small_fp32": ("small_fp32", "bf16_lora", lambda on: setattr(lora, "SMALL_M_FP32", small if on else 0)),
@@ -399,7 +400,7 @@ def main() -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings (about 2 s)")
     p.add_argument("--profile", default="", help="print a torch.profiler table of PHASE (single, mixed or base) instead of timing")
     p.add_argument("--profile-steps", type=int, default=8)
-    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag, compile_decode, expand_kernel, adapters, decode_kernel, pointwise, expand_threads)")
+    p.add_argument("--ab", default="", help="alternate a switch each repeat, A then B, in this process (choices: lean, int4, row_kernel, grouped, packed, small_fp32, diag, argmax, gqa_fold, fold_a, fold_diag, compile_decode, expand_kernel, adapters, decode_kernel, pointwise, expand_threads)")
     p.add_argument("--compile-decode", action="store_true", help="the engine's compiled one-row decode step (compiled before the phases: minutes on 2 cores, cached on disk)")
     p.add_argument("--engine-module", default="loraplex.server.engine.engine", help="module with the Engine class (to compare with an older copy on PYTHONPATH)")
     p.add_argument("--versus", default="", metavar="MODULE:DTYPE", help="also build the Engine of MODULE at DTYPE (e.g. an older copy on PYTHONPATH, float32) "

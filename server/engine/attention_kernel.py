@@ -37,34 +37,10 @@ DECODE_KERNEL = {"enabled": True}
 MAX_HEAD_DIM = 256
 MAX_GROUP = 8
 
-_SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-#include <math.h>
-
-int decode_attention_fast(void) {
-#if defined(__AVX512BF16__)
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-#define MAXD 256
-#define MAXG 8
-#define BLK 64
-
-int decode_attention_max_head_dim(void) { return MAXD; }
-int decode_attention_max_group(void) { return MAXG; }
-
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-
-static inline __m512 load16(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
-""" + csimd.EXP16 + r"""
+#: the C of one (token, kv head) problem, ``attend_one`` (and ``hsum16``, which it uses): shared
+#: with the one-row decode step (row_kernel.py); needs ``load16`` (an unmasked bf16 load to fp32),
+#: ``exp16``, MAXG, MAXD and BLK defined before it
+ATTEND_ONE = r"""
 /* lane j of the result = the sum of a[j]'s 16 lanes: pairs interleaved and added (unpack), then
    quads (shuffle), then across the four 128-bit lanes (shuffle_f32x4), 45 instructions for 16
    sums where 16 separate reductions take about 8 each */
@@ -150,7 +126,37 @@ static inline __attribute__((always_inline)) void attend_one(const int G, const 
     }
 }
 
-#define ONE(G, NC) attend_one(G, NC, qt + g * (G) * q_head, q_head, kb, vb, L, scale, ot + g * (G) * d)
+"""
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+
+int decode_attention_fast(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+#define MAXD 256
+#define MAXG 8
+#define BLK 64
+
+int decode_attention_max_head_dim(void) { return MAXD; }
+int decode_attention_max_group(void) { return MAXG; }
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+
+static inline __m512 load16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+""" + csimd.EXP16 + r"""
+""" + ATTEND_ONE + r"""#define ONE(G, NC) attend_one(G, NC, qt + g * (G) * q_head, q_head, kb, vb, L, scale, ot + g * (G) * d)
 
 /* n decode tokens. Token t attends with query heads q[t, h, :] (h in [0, heads)) over positions
    [0, lens[t]) of KV row slots[t]; query head h reads kv head h / (heads / kv_heads). Layouts

@@ -39,6 +39,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from loraplex.server.engine import cpu_threads
+
 log = logging.getLogger(__name__)
 
 GROUP = 32  # the int4 kernel's group size (int4.py)
@@ -176,6 +178,8 @@ class OneRowStep:
         fn(h, cos, sin, torch.tensor([1]), torch.tensor([5]), keys, values, layers)
 
     def _compile_loop(self) -> None:
+        # inductor sizes its kernels' OpenMP regions by this thread's count: the engine's
+        cpu_threads.engine_thread()
         while True:
             with self._state:
                 if not self._wanted:

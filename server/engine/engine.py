@@ -130,6 +130,7 @@ class Engine(RowEngine):
         lean_forward: bool = True,
         int4_decode_rows: int = 8,
         compile_decode: bool = False,
+        decode_row: str = "kernel",
         lora_expand: str = "kernel",
         decode_attention: str = "kernel",
     ) -> None:
@@ -170,11 +171,11 @@ class Engine(RowEngine):
         self.forward_path = "transformers"
         reason = why_not_supported(model, self.dtype) if lean_forward else "turned off (lean_forward=False)"
         if reason is None:
-            self.lean = LlamaStepForward(model, max_len=max_model_len, dtype=self.dtype, device=self.device, int4_rows=int4_decode_rows, compile_decode=compile_decode, lora_expand=lora_expand)
+            self.lean = LlamaStepForward(model, max_len=max_model_len, dtype=self.dtype, device=self.device, int4_rows=int4_decode_rows, compile_decode=compile_decode, decode_row=decode_row, lora_expand=lora_expand)
             self.forward_path = "lean"
             lean, lock = self.lean, self.slot_table.lock
             self.slot_table.on_change.append(lambda: lean.schedule_refresh(lock))  # also drops the compiled step's cached inputs
-            log.info("engine forward: lean Llama; int4 decode GEMMs %s; compiled one-row decode %s; mixed-step LoRA expand %s; element-wise steps %s", self.lean.int4_reason, self.lean.compile_reason, self.lean.expand_reason, self.lean.pointwise_reason)
+            log.info("engine forward: lean Llama; int4 decode GEMMs %s; one-row decode step %s; compiled one-row decode %s; mixed-step LoRA expand %s; element-wise steps %s", self.lean.int4_reason, self.lean.row_reason, self.lean.compile_reason, self.lean.expand_reason, self.lean.pointwise_reason)
         else:
             log.info("engine forward: transformers' (%s)", reason)
         log.info("engine decode attention: %s", self.attention_reason)

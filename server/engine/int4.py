@@ -6,9 +6,9 @@ step of one or a few rows reads 2 bytes per weight through oneDNN's small-M bf16
 9.5 GB/s here); torch's int4 weight-only CPU kernel (``_weight_int4pack_mm_for_cpu``) reads half a
 byte per weight and ran the 30 layers' projections about 3.7x faster at one row on this machine.
 
-:func:`exact_int4` recovers ``(q, d, m)`` from a weight and accepts it only when every group is
+:func:`int4_levels` recovers ``(q, d, m)`` from a weight and accepts it only when every group is
 reproduced to within bf16 rounding (a weight that was never int4, e.g. a random test model or a
-fp16 base, is refused: no silent requantization). :class:`Int4Weight` then holds the packed
+fp16 base, is refused: no silent requantization); :func:`exact_int4` packs them. :class:`Int4Weight` then holds the packed
 form; the kernel takes bf16 activations and bf16 scales/offsets, so its result differs from the
 bf16 GEMM by about bf16 rounding (the scales are rounded like the weights are). Steps with more
 rows than the engine's ``int4_decode_rows`` use the bf16 GEMM, where AMX wins.
@@ -42,11 +42,12 @@ def available() -> bool:
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") and hasattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu")
 
 
-def exact_int4(weight: torch.Tensor) -> Int4Weight | None:
-    """The int4 form of ``weight`` [out, in] when it is Q4_1-shaped (groups of 32 inputs, 16
-    evenly spaced levels each) to within bf16 rounding; else None."""
+def int4_levels(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(q [out, in] in 0..15, scale [out, in / 32], low [out, in / 32])`` fp32 with
+    ``weight = scale * q + low`` per group of 32 inputs to within bf16 rounding, when the weight
+    is Q4_1-shaped (groups of 32 inputs, 16 evenly spaced levels each); else None."""
     out, inp = weight.shape
-    if inp % GROUP or weight.device.type != "cpu" or not available():
+    if inp % GROUP or weight.device.type != "cpu":
         return None
     w = weight.detach().float().view(out, inp // GROUP, GROUP)  # [out, g, 32]
     low = w.amin(-1)  # [out, g]
@@ -56,7 +57,20 @@ def exact_int4(weight: torch.Tensor) -> Int4Weight | None:
     tolerance = w.abs().amax(-1) * 2.0**-7 + 1e-12  # bf16 keeps 8 significant bits
     if bool((error > tolerance).any()):
         return None
+    return q.view(out, inp), step, low
+
+
+def exact_int4(weight: torch.Tensor, levels: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> Int4Weight | None:
+    """The int4 form of ``weight`` [out, in] when it is Q4_1-shaped (``int4_levels``, or the
+    ``levels`` it gave) to within bf16 rounding; else None."""
+    if not available():
+        return None
+    found = levels if levels is not None else int4_levels(weight)
+    if found is None:
+        return None
+    q, step, low = found
+    out, inp = q.shape
     zeros = low + 8 * step  # the kernel computes (q - 8) * scale + zero
     scales_zeros = torch.stack([step, zeros], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [g, out, 2]
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.view(out, inp).to(torch.int32), 1)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
     return Int4Weight(packed=packed, scales_zeros=scales_zeros, out_features=out)

@@ -41,9 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraplex.server.engine import expand_kernel, pointwise_kernel
+from loraplex.server.engine import cpu_threads, expand_kernel, pointwise_kernel, row_kernel
 from loraplex.server.engine.compiled_decode import OneRowStep, why_not_available
-from loraplex.server.engine.int4 import Int4Weight, exact_int4
+from loraplex.server.engine.int4 import Int4Weight, exact_int4, int4_levels
 from loraplex.server.engine import lora as lora_math
 from loraplex.server.engine.lora import PACKED_LINEARS, Fold, FoldedShrink, LoraGroup, MultiLoraLinear, pack_weight, packed_linear
 
@@ -208,7 +208,7 @@ class LlamaStepForward:
     """``forward(ids [N], positions [N], plan, keep [K]) -> logits [K, vocab]`` for a wrapped
     Llama-family model (see the module docstring)."""
 
-    def __init__(self, model, *, max_len: int, dtype: torch.dtype, device, int4_rows: int = 0, compile_decode: bool = False, lora_expand: str = "kernel") -> None:
+    def __init__(self, model, *, max_len: int, dtype: torch.dtype, device, int4_rows: int = 0, compile_decode: bool = False, decode_row: str = "kernel", lora_expand: str = "kernel") -> None:
         reason = why_not_supported(model, dtype)
         if reason is not None:
             raise ValueError(f"the lean Llama forward cannot run this model: {reason}")
@@ -218,6 +218,7 @@ class LlamaStepForward:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.hidden = config.hidden_size
+        self.inter = config.intermediate_size
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
         self.scale = self.head_dim**-0.5
         self.dtype = dtype
@@ -250,7 +251,10 @@ class LlamaStepForward:
         self._refresh_wanted = False
         self._refresher: threading.Thread | None = None
         self.int4_rows = 0
-        self.int4_reason = self._use_int4(int4_rows, dtype, torch.device(device))
+        if decode_row not in ("kernel", "torch"):
+            raise ValueError(f"decode_row must be 'kernel' or 'torch', got {decode_row!r}")
+        self.row_step: row_kernel.RowStep | None = None
+        self.int4_reason, self.row_reason = self._use_int4(int4_rows, dtype, torch.device(device), decode_row == "kernel")
         self.one_row: OneRowStep | None = None
         self._one_row_inputs: tuple | None = None  # (key, per-layer inputs, signature), see _one_row_step
         self.compile_reason = self._use_compiled_decode(compile_decode)
@@ -302,6 +306,7 @@ class LlamaStepForward:
                 self._refresher.start()
 
     def _refresh_loop(self, lock) -> None:
+        cpu_threads.helper_thread()  # no second OpenMP team beside the engine's (cpu_threads.py)
         while True:
             with self._refresh_state:
                 if not self._refresh_wanted:
@@ -319,23 +324,49 @@ class LlamaStepForward:
         with self._refresh_state:
             return self._refresh_state.wait_for(lambda: self._refresher is None, timeout)
 
-    def _use_int4(self, rows: int, dtype: torch.dtype, device: torch.device) -> str:
-        """Pack every projection as int4 when the base's weights are exactly int4 (all or none)."""
+    def _use_int4(self, rows: int, dtype: torch.dtype, device: torch.device, row_wanted: bool) -> tuple[str, str]:
+        """Pack every projection as int4 when the base's weights are exactly int4 (all or none),
+        and, where asked and possible, the one-row C step over the same levels (row_kernel.py).
+        Returns both reasons, in words."""
         if rows <= 0:
-            return "off (int4_decode_rows 0)"
+            return "off (int4_decode_rows 0)", "per op (it runs on the int4 decode GEMMs, which are off)"
         if dtype != torch.bfloat16 or device.type != "cpu":
-            return f"off ({dtype} on {device.type}: the int4 kernel runs bf16 on CPU)"
-        forms = []
+            return f"off ({dtype} on {device.type}: the int4 kernel runs bf16 on CPU)", "per op (the int4 decode GEMMs are off)"
+        row_reason = self._row_kernel_reason(row_wanted)
+        forms, packed = [], []
         for layer in self.layers:
+            rows_of_layer = []
             for fused in layer.fused:
-                form = exact_int4(fused.weight)
+                levels = int4_levels(fused.weight)
+                form = exact_int4(fused.weight, levels) if levels is not None else None
                 if form is None:
-                    return "off (the base's weights are not int4-shaped: Q4_1 groups of 32)"
+                    return "off (the base's weights are not int4-shaped: Q4_1 groups of 32)", "per op (the int4 decode GEMMs are off)"
                 forms.append((fused, form))
+                if row_reason is None:
+                    rows_of_layer.append(row_kernel.Int4Rows.pack(*levels))
+            packed.append(rows_of_layer)
         for fused, form in forms:
             fused.int4, fused.int4_rows = form, rows
         self.int4_rows = rows
-        return f"on for steps of at most {rows} rows"
+        if row_reason is None:
+            spans = self.layers[0].gate_up.spans
+            row_layers = [row_kernel.RowLayer(layer.in_norm.contiguous(), layer.post_norm.contiguous(), tuple(rows_of_layer), tuple(f.bias for f in layer.fused))
+                          for layer, rows_of_layer in zip(self.layers, packed)]
+            self.row_step = row_kernel.RowStep(row_layers, hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, head_dim=self.head_dim,
+                                               inter=self.inter, gate_lo=spans[0][0], up_lo=spans[1][0], eps=self.eps, scale=self.scale)
+            row_reason = "C kernel (every layer in one call)"
+        return f"on for steps of at most {rows} rows", row_reason
+
+    def _row_kernel_reason(self, wanted: bool) -> str | None:
+        """None when the one-row C step can run this model; else what runs instead, and why."""
+        if not wanted:
+            return "per op (--decode-row torch)"
+        spans = self.layers[0].gate_up.spans
+        if not row_kernel.shape_fits(self.hidden, self.heads, self.kv_heads, self.head_dim, self.inter) or spans[0][1] - spans[0][0] != self.inter:
+            return "per op (the C step does not take this model's sizes)"
+        if not row_kernel.available():
+            return f"per op ({row_kernel.why_not()})"
+        return None
 
     def _use_compiled_decode(self, wanted: bool) -> str:
         """The compiled one-row decode step (compiled_decode.py) where asked and possible."""
@@ -415,6 +446,25 @@ class LlamaStepForward:
         h = h.index_select(0, keep)  # [K, H]
         return self.lm_head(self._rms(h, self.norm))  # [K, vocab]
 
+    def _kernel_row_step(self, ids: torch.Tensor, positions: torch.Tensor, plan, keep: torch.Tensor) -> torch.Tensor | None:
+        """One decoding row through the C step (row_kernel.py); None where it does not apply
+        (the caller steps per op)."""
+        ctx = self.layers[0].o_lora.context
+        if (ctx.used and not ctx.single) or lora_math.SMALL_M_FP32 < 1 or not lora_math.GROUPED_LORA["enabled"]:
+            return None  # mixes, or the A/B switches away from the small-step path whose rows it reads
+        if any(f.int4 is None or f.int4_rows < 1 for layer in self.layers for f in layer.fused):
+            return None
+        step = self.row_step
+        key = (ctx.used, ctx.version)
+        if key != step.adapter_key:  # the adapter's fp32 rows, rebuilt when the adapters change
+            step.set_adapter(key, [self._adapter_rows(layer, ctx) for layer in self.layers])
+        pos, slot = int(positions[0]), int(plan.token_slots[0])
+        h = self.embed(ids).contiguous()  # [1, H], a new tensor: the step writes it
+        cache = plan.cache
+        step.step(h, self.cos[pos], self.sin[pos], cache.keys, cache.values, slot, pos)
+        h = h.index_select(0, keep)  # [K, H]
+        return self.lm_head(self._rms(h, self.norm))  # [K, vocab]
+
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # transformers' LlamaRMSNorm: normalize in fp32, cast back, then scale at the model's dtype
         return weight * F.rms_norm(x.float(), (self.hidden,), None, self.eps).to(x.dtype)
@@ -428,10 +478,15 @@ class LlamaStepForward:
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor, plan, keep: torch.Tensor) -> torch.Tensor:
         n = ids.shape[0]
-        if self.one_row is not None and n == 1 and plan.num_decode == 1 and not plan.chunks:
-            logits = self._one_row_step(ids, positions, plan, keep)
-            if logits is not None:
-                return logits
+        if n == 1 and plan.num_decode == 1 and not plan.chunks:  # a stream decoding alone
+            if self.row_step is not None and row_kernel.ROW_KERNEL["enabled"]:
+                logits = self._kernel_row_step(ids, positions, plan, keep)
+                if logits is not None:
+                    return logits
+            if self.one_row is not None:
+                logits = self._one_row_step(ids, positions, plan, keep)
+                if logits is not None:
+                    return logits
         h = self.embed(ids)  # [N, H]
         cos = self.cos.index_select(0, positions)[:, None]  # [N, 1, d]
         sin = self.sin.index_select(0, positions)[:, None]
