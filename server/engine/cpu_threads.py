@@ -24,12 +24,17 @@ The rule, applied by the threads' owners:
 
 torch.set_num_threads sets the calling thread's OpenMP and MKL thread counts, and the default
 that threads calling torch for the first time take up; so each thread above sets its own count
-explicitly. This module knows threads and torch's thread settings; nothing of models or requests.
+explicitly, and after setting ``ENGINE_THREADS`` on a thread the default is put back to one (on a
+short-lived thread: setting it anywhere else would change that thread's own count), so a thread
+nobody set up opens no team either. Threads that keep a second team for a while, knowingly:
+``--compile-decode``'s compile thread (inductor sizes its kernels by its count; minutes, opt-in).
+This module knows threads and torch's thread settings; nothing of models or requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -42,15 +47,32 @@ ENGINE_THREADS: int = torch.get_num_threads()
 
 
 def engine_thread() -> None:
-    """Call first on the engine thread: torch's intra-op work there uses ``ENGINE_THREADS``."""
-    torch.set_num_threads(ENGINE_THREADS)
+    """Call first on the engine thread: torch's intra-op work there uses ``ENGINE_THREADS``
+    (and threads that never set their count keep defaulting to one)."""
+    _set_own(ENGINE_THREADS)
+    _default_to_one()
+
+
+def _set_own(count: int) -> None:
+    # torch applies its default to a thread lazily, on the thread's first parallel op or count
+    # query; that first: otherwise a later default would overwrite the count set here
+    torch.get_num_threads()
+    torch.set_num_threads(count)
+
+
+def _default_to_one() -> None:
+    """torch's default count for threads that have not called it yet back to one, set on a
+    thread that ends at once (its own count is the only other thing that changes)."""
+    worker = threading.Thread(target=torch.set_num_threads, args=(1,), name="loraplex-threads-default")
+    worker.start()
+    worker.join()
 
 
 def helper_thread() -> None:
     """Call first on a long-lived thread other than the engine's that may call torch: its torch
     work runs on this thread alone and never opens an OpenMP team (so the engine's team keeps
     spinning between regions)."""
-    torch.set_num_threads(1)
+    _set_own(1)
 
 
 def helper_executor(name: str, max_workers: int | None = None) -> ThreadPoolExecutor:
@@ -73,10 +95,12 @@ async def in_own_thread(fn: Callable[..., Any], *args: Any, name: str = "loraple
         else:
             future.set_exception(value)
 
+    context = contextvars.copy_context()
+
     def target() -> None:
-        torch.set_num_threads(ENGINE_THREADS)  # not the default a helper may have left (see above)
+        engine_thread()  # every core, whatever default a helper left; the default stays one
         try:
-            outcome: tuple[bool, Any] = (True, fn(*args))
+            outcome: tuple[bool, Any] = (True, context.run(fn, *args))
         except BaseException as exc:  # handed to the awaiting task
             outcome = (False, exc)
         try:
@@ -84,5 +108,6 @@ async def in_own_thread(fn: Callable[..., Any], *args: Any, name: str = "loraple
         except RuntimeError:  # the loop closed meanwhile (shutdown during start-up)
             pass
 
-    threading.Thread(target=target, name=name, daemon=True).start()
+    # not a daemon: like asyncio.to_thread's, the interpreter waits for it at exit
+    threading.Thread(target=target, name=name).start()
     return await done

@@ -372,6 +372,8 @@ class LlamaStepForward:
         """The compiled one-row decode step (compiled_decode.py) where asked and possible."""
         if not wanted:
             return "off"
+        if self.row_step is not None:
+            return "off (the C one-row step runs those steps; --decode-row torch to compile instead)"
         if not self.int4_rows:
             return "off (it runs on the int4 decode GEMMs, which are off)"
         reason = why_not_available()
@@ -456,12 +458,18 @@ class LlamaStepForward:
             return None
         step = self.row_step
         key = (ctx.used, ctx.version)
-        if key != step.adapter_key:  # the adapter's fp32 rows, rebuilt when the adapters change
-            step.set_adapter(key, [self._adapter_rows(layer, ctx) for layer in self.layers])
         pos, slot = int(positions[0]), int(plan.token_slots[0])
         h = self.embed(ids).contiguous()  # [1, H], a new tensor: the step writes it
         cache = plan.cache
-        step.step(h, self.cos[pos], self.sin[pos], cache.keys, cache.values, slot, pos)
+        try:
+            if key != step.adapter_key:  # the adapter's fp32 rows, rebuilt when the adapters change
+                step.set_adapter(key, [self._adapter_rows(layer, ctx) for layer in self.layers])
+            step.step(h, self.cos[pos], self.sin[pos], cache.keys, cache.values, slot, pos)
+        except ValueError:  # inputs it does not take (checked before anything is written): per op from now on
+            log.warning("the one-row C step refused its inputs; single streams step per op from now on", exc_info=True)
+            self.row_step = None
+            self.row_reason = "per op (the C step refused a step's inputs: see the log)"
+            return None
         h = h.index_select(0, keep)  # [K, H]
         return self.lm_head(self._rms(h, self.norm))  # [K, vocab]
 

@@ -12,7 +12,7 @@ What one call computes, per layer, the same function as the eager one-row step o
 roundings of transformers' LlamaRMSNorm), the fused q/k/v projection, rotary on q and k, the
 K/V write at the row's (slot, position), attention over positions ``[0, position]`` of the row
 (``attention_kernel``'s per-(token, kv head) code), o, RMSNorm, gate/up, SiLU * up, down, and the
-two residual adds; one adapter's LoRA rows (fp32, as the small-step path keeps them) are added
+two residual adds; one adapter's LoRA rows (the bf16 rows the slot table holds; products summed in fp32) are added
 to each projection. The final norm and the lm_head stay in torch.
 
 The projections read the base's exact Q4_1 levels (``int4.int4_levels``) in a layout of our own,
@@ -69,14 +69,15 @@ int row_fast(void) {
 #define BLK 64
 
 /* one projection: [out, in] int4 levels in blocks, per-group scale and offset, optional bf16
-   bias and fp32 LoRA rows (a [rank, in], b [rank, out]); out % 16 == 0, in % 32 == 0 */
+   bias and bf16 LoRA rows (a [rank, in]; b, [rank, out], stored per block of 16 outputs);
+   out % 16 == 0, in % 32 == 0 */
 typedef struct {
     const uint8_t *nib;   /* [out / 16][in / 32][16 input pairs][16 rows]: byte = q[2p] | q[2p + 1] << 4 */
-    const float *scale;   /* [in / 32][out] */
-    const float *offset;  /* [in / 32][out]: m - 128 * scale */
+    const float *scale;   /* [out / 16][in / 32][16 rows] */
+    const float *offset;  /* [out / 16][in / 32][16 rows]: m - 128 * scale */
     const uint16_t *bias; /* [out] or NULL */
-    const float *a;       /* [rank][in] or NULL */
-    const float *b;       /* [rank][out] */
+    const uint16_t *a;    /* [rank][in] bf16, or NULL */
+    const uint16_t *b;    /* [out / 16][rank][16 rows] bf16: a block's rows of B follow each other */
     int64_t out, in, rank;
 } proj_t;
 
@@ -122,14 +123,14 @@ static void add_rms_row(int64_t n, uint16_t *h, const uint16_t *delta, const uin
     }
 }
 
-/* u[k] = a[k] . x for the projection's LoRA rows (fp32), rows shared over the team */
+/* u[k] = a[k] . x for the projection's LoRA rows, in fp32 (a few thousand multiply-adds: one
+   thread, inside the phase before, saves a barrier) */
 static void lora_shrink(const proj_t *p, const uint16_t *x, float *u) {
     if (!p->a) return;
-#pragma omp for schedule(static)
     for (int64_t k = 0; k < p->rank; k++) {
-        const float *ak = p->a + k * p->in;
+        const uint16_t *ak = p->a + k * p->in;
         __m512 acc = _mm512_setzero_ps();
-        for (int64_t c = 0; c < p->in; c += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(ak + c), load16(x + c), acc);
+        for (int64_t c = 0; c < p->in; c += 16) acc = _mm512_fmadd_ps(load16(ak + c), load16(x + c), acc);
         u[k] = _mm512_reduce_add_ps(acc);
     }
 }
@@ -158,11 +159,11 @@ static void gemv_int4(const proj_t *p, const uint16_t *x, const float *sums, con
                 c[q & 3] = _mm512_dpbf16_ps(c[q & 3], (__m512bh)w, (__m512bh)_mm512_set1_epi32((int)xp[g * 16 + q]));
             }
             const __m512 dot = _mm512_add_ps(_mm512_add_ps(c[0], c[1]), _mm512_add_ps(c[2], c[3])); /* sum of (128 + q) x */
-            r = _mm512_fmadd_ps(dot, _mm512_loadu_ps(p->scale + g * out + blk * 16), r);
-            r = _mm512_fmadd_ps(_mm512_loadu_ps(p->offset + g * out + blk * 16), _mm512_set1_ps(sums[g]), r);
+            r = _mm512_fmadd_ps(dot, _mm512_loadu_ps(p->scale + (blk * groups + g) * 16), r);
+            r = _mm512_fmadd_ps(_mm512_loadu_ps(p->offset + (blk * groups + g) * 16), _mm512_set1_ps(sums[g]), r);
         }
         if (p->a)
-            for (int64_t k = 0; k < p->rank; k++) r = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), _mm512_loadu_ps(p->b + k * out + blk * 16), r);
+            for (int64_t k = 0; k < p->rank; k++) r = _mm512_fmadd_ps(_mm512_set1_ps(u[k]), load16(p->b + (blk * p->rank + k) * 16), r);
         if (p->bias) r = _mm512_add_ps(r, load16(p->bias + blk * 16));
         store16(y + blk * 16, r);
     }
@@ -242,8 +243,10 @@ int64_t row_step_bf16(int64_t n_layers, const layer_t *layers, int64_t hidden, i
             const layer_t *ly = layers + l;
             uint16_t *kb = kbufs[l] + slot * kv_row, *vb = vbufs[l] + slot * kv_row; /* this row's K/V */
 #pragma omp single
-            add_rms_row(hidden, h, l ? delta : NULL, ly->in_norm, eps, x, sums);
-            lora_shrink(&ly->qkv, x, u);
+            {
+                add_rms_row(hidden, h, l ? delta : NULL, ly->in_norm, eps, x, sums);
+                lora_shrink(&ly->qkv, x, u);
+            }
             gemv_int4(&ly->qkv, x, sums, u, proj);           /* [q_out + 2 kv_out] */
 #pragma omp single
             {
@@ -259,11 +262,16 @@ int64_t row_step_bf16(int64_t n_layers, const layer_t *layers, int64_t hidden, i
                 attend_group(G, nc, proj + lo, d, kbufs[l] + slot * kv_row + g * kv_head, vbufs[l] + slot * kv_row + g * kv_head, L, scale, att + lo);
                 for (int64_t c = lo; c < hi; c += 32) sums[c / 32] = _mm512_reduce_add_ps(_mm512_add_ps(load16(att + c), load16(att + c + 16)));
             }
-            lora_shrink(&ly->o, att, u);
+            if (ly->o.a) { /* the same for every thread */
+#pragma omp single
+                lora_shrink(&ly->o, att, u);
+            }
             gemv_int4(&ly->o, att, sums, u, delta);           /* [hidden], added at the next norm */
 #pragma omp single
-            add_rms_row(hidden, h, delta, ly->post_norm, eps, x, sums);
-            lora_shrink(&ly->gate_up, x, u);
+            {
+                add_rms_row(hidden, h, delta, ly->post_norm, eps, x, sums);
+                lora_shrink(&ly->gate_up, x, u);
+            }
             gemv_int4(&ly->gate_up, x, sums, u, proj);       /* [2 inter] */
 #pragma omp for schedule(static)
             for (int64_t c = 0; c < inter; c += 32) {         /* x = bf16(bf16(silu(gate)) * up), group sums */
@@ -276,7 +284,10 @@ int64_t row_step_bf16(int64_t n_layers, const layer_t *layers, int64_t hidden, i
                 }
                 sums[c / 32] = _mm512_reduce_add_ps(_mm512_add_ps(y[0], y[1]));
             }
-            lora_shrink(&ly->down, x, u);
+            if (ly->down.a) {
+#pragma omp single
+                lora_shrink(&ly->down, x, u);
+            }
             gemv_int4(&ly->down, x, sums, u, delta);          /* [hidden], added at the next norm */
         }
 #pragma omp single
@@ -339,8 +350,8 @@ class Int4Rows:
     """One projection's Q4_1 levels in the kernel's layout (see the module docstring)."""
 
     nib: torch.Tensor     # [out / 16, in / 32, 16 input pairs, 16 rows] uint8
-    scale: torch.Tensor   # [in / 32, out] fp32
-    offset: torch.Tensor  # [in / 32, out] fp32: m - 128 * scale
+    scale: torch.Tensor   # [out / 16, in / 32, 16 rows] fp32 (a block's scales follow each other, as its levels do)
+    offset: torch.Tensor  # [out / 16, in / 32, 16 rows] fp32: m - 128 * scale
     out_features: int
     in_features: int
 
@@ -352,9 +363,11 @@ class Int4Rows:
             raise ValueError(f"row kernel: a [{out}, {inp}] projection is not in blocks of {BLOCK} rows x {GROUP} inputs")
         q = levels.to(torch.uint8).view(out // BLOCK, BLOCK, inp // GROUP, GROUP // 2, 2).permute(0, 2, 3, 1, 4)  # [blocks, groups, pairs, rows, 2]
         nib = (q[..., 0] | (q[..., 1] << 4)).contiguous()  # per row: the pair's first level low, second high
+        def per_block(t: torch.Tensor) -> torch.Tensor:  # [out, groups] -> [blocks, groups, 16]
+            return t.view(out // BLOCK, BLOCK, inp // GROUP).permute(0, 2, 1).contiguous()
+
         scale32 = scale.float()
-        offset = (low.float() - 128.0 * scale32).t().contiguous()
-        return cls(nib=nib, scale=scale32.t().contiguous(), offset=offset, out_features=out, in_features=inp)
+        return cls(nib=nib, scale=per_block(scale32), offset=per_block(low.float() - 128.0 * scale32), out_features=out, in_features=inp)
 
 
 @dataclass
@@ -376,6 +389,14 @@ class RowStep:
                  gate_lo: int, up_lo: int, eps: float, scale: float) -> None:
         if not shape_fits(hidden, heads, kv_heads, head_dim, inter):
             raise ValueError(f"row kernel: hidden {hidden}, heads {heads}/{kv_heads}, head size {head_dim}, intermediate {inter} do not fit")
+        q_out, kv_out = heads * head_dim, kv_heads * head_dim
+        sizes = ((q_out + 2 * kv_out, hidden), (hidden, q_out), (2 * inter, hidden), (hidden, inter))  # what the C step reads and writes
+        for layer in layers:
+            found = tuple((p.out_features, p.in_features) for p in layer.projections)
+            if found != sizes:
+                raise ValueError(f"row kernel: projections (out, in) {found}, the model's sizes need {sizes}")
+        if sorted((gate_lo, up_lo)) != [0, inter]:
+            raise ValueError(f"row kernel: gate at column {gate_lo} and up at {up_lo} do not split a [{2 * inter}] gate/up output")
         self.layers = layers
         self.dims = (hidden, heads, kv_heads, head_dim, inter, gate_lo, up_lo)
         self.eps, self.scale = float(eps), float(scale)
@@ -401,26 +422,37 @@ class RowStep:
         return t.data_ptr()
 
     def set_adapter(self, key: object, rows: list[tuple]) -> None:
-        """This step's adapter: per layer, per projection (q/k/v, o, gate/up, down), its fp32
-        rows ``(A [r, in], B [r, out])`` or ``(None, None)``. ``key`` names the set: the same key
+        """This step's adapter: per layer, per projection (q/k/v, o, gate/up, down), its rows
+        ``(A [r, in], B [r, out])`` or ``(None, None)``, kept at bf16 (the engine stores LoRA rows
+        at bf16, so its fp32 copies convert exactly; the products are summed in fp32). ``key`` names the set: the same key
         again changes nothing."""
         if key == self.adapter_key:
             return
+        if len(rows) != len(self.layers):
+            raise ValueError(f"row kernel: LoRA rows for {len(rows)} layers, the step has {len(self.layers)}")
+        checked: list[tuple[int, str, torch.Tensor | None, torch.Tensor | None]] = []
+        for index, (layer_rows, layer) in enumerate(zip(rows, self.layers)):  # every shape first: a refusal changes nothing
+            for name, (a, b), packed in zip(("qkv", "o", "gate_up", "down"), layer_rows, layer.projections):
+                if a is not None:
+                    # bf16: the engine keeps LoRA rows at bf16 (these are exact copies); others round once
+                    a, b = a.to(torch.bfloat16).contiguous(), b.to(torch.bfloat16).contiguous()
+                    if a.dim() != 2 or a.shape[1] != packed.in_features or b.shape != (a.shape[0], packed.out_features):
+                        raise ValueError(f"row kernel: LoRA rows A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a [{packed.out_features}, {packed.in_features}] projection")
+                checked.append((index, name, a, b))
+        self.adapter_key = None  # until the table is whole again
         refs: list = []
         max_rank = 0
-        for entry, layer_rows, layer in zip(self._table, rows, self.layers):
-            for name, (a, b), packed in zip(("qkv", "o", "gate_up", "down"), layer_rows, layer.projections):
-                proj = getattr(entry, name)
-                if a is None:
-                    proj.a = proj.b = None
-                    proj.rank = 0
-                    continue
-                a, b = a.float().contiguous(), b.float().contiguous()
-                if a.shape[1] != packed.in_features or b.shape != (a.shape[0], packed.out_features):
-                    raise ValueError(f"row kernel: LoRA rows A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a [{packed.out_features}, {packed.in_features}] projection")
-                refs += [a, b]
-                proj.a, proj.b, proj.rank = a.data_ptr(), b.data_ptr(), a.shape[0]
-                max_rank = max(max_rank, a.shape[0])
+        for index, name, a, b in checked:
+            proj = getattr(self._table[index], name)
+            if a is None:
+                proj.a = proj.b = None
+                proj.rank = 0
+                continue
+            rank = a.shape[0]
+            b = b.view(rank, b.shape[1] // BLOCK, BLOCK).transpose(0, 1).contiguous()  # [out / 16, rank, 16]: each block's rows together
+            refs += [a, b]
+            proj.a, proj.b, proj.rank = a.data_ptr(), b.data_ptr(), rank
+            max_rank = max(max_rank, a.shape[0])
         self._adapter_refs, self._max_rank, self.adapter_key = refs, max_rank, key
 
     def _kv(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> tuple:

@@ -87,10 +87,15 @@ def test_engine_and_loader_threads_take_engine_threads_whatever_default_a_helper
             cpu_threads.engine_thread()
             return torch.get_num_threads()
         engine_count, _, _ = on_thread(engine, keep_alive=False)
+        after_engine, _, _ = on_thread(torch.get_num_threads, keep_alive=False)  # the default stays one
 
+        import contextvars
+        var = contextvars.ContextVar("var", default="unset")
         async def load():
-            return await cpu_threads.in_own_thread(torch.get_num_threads)
-        loader = asyncio.run(load())
+            var.set("seen")
+            return await cpu_threads.in_own_thread(lambda: (torch.get_num_threads(), var.get()))
+        loader, context_value = asyncio.run(load())
+        after_loader, _, _ = on_thread(torch.get_num_threads, keep_alive=False)
 
         before = os_threads()
         async def heavy():
@@ -108,13 +113,16 @@ def test_engine_and_loader_threads_take_engine_threads_whatever_default_a_helper
             except ZeroDivisionError:
                 return "raised"
         print(json.dumps({"fresh": fresh, "engine": engine_count, "loader": loader, "leftover": after - before,
-                          "error": asyncio.run(fails())}))
+                          "error": asyncio.run(fails()), "after_engine": after_engine, "after_loader": after_loader,
+                          "context": context_value}))
     """)
     assert out["fresh"] == 1  # the trap: a thread that does not set its count inherits a helper's 1
     assert out["engine"] == 2
     assert out["loader"] == 2
     assert out["leftover"] == 0, out
     assert out["error"] == "raised"
+    assert out["after_engine"] == out["after_loader"] == 1  # a thread nobody sets up opens no team
+    assert out["context"] == "seen"  # the caller's contextvars reach the thread, as with asyncio.to_thread
 
 
 def test_the_server_pieces_follow_the_rule():

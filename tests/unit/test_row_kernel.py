@@ -26,26 +26,38 @@ pytestmark = pytest.mark.skipif(not row_kernel.available(), reason=f"the one-row
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module")
-def wide_int4_base(tmp_path_factory, smol_tokenizer_dir):
-    """A 3-layer random Llama, hidden 128, 4 heads of 32 over 2 kv heads, every projection
-    requantized to Q4_1 (as the embedded base's are), doubled so their errors show."""
-    from transformers import AutoModelForCausalLM
+def _int4_llama(folder, tokenizer_dir, *, hidden: int, heads: int, kv_heads: int, layers: int, seed: int):
+    """A random Llama sharing SmolLM2's vocabulary whose projections are requantized to Q4_1 (as
+    the embedded base's are), doubled so their errors show."""
+    import shutil
 
-    from tests.conftest import make_tiny_llama
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    plain = make_tiny_llama(tmp_path_factory.mktemp("wide-plain"), smol_tokenizer_dir, seed=5, hidden=128, layers=3)
-    model = AutoModelForCausalLM.from_pretrained(str(plain))
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in _PROJECTIONS:
                 module.weight.copy_(q4_1(module.weight * 2))
-    folder = tmp_path_factory.mktemp("wide-int4")
     model.save_pretrained(str(folder), safe_serialization=True)
-    for f in plain.iterdir():
-        if f.name.startswith("token") or f.name in ("vocab.json", "merges.txt", "special_tokens_map.json"):
-            (folder / f.name).write_bytes(f.read_bytes())
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, folder / f.name)
     return folder
+
+
+@pytest.fixture(scope="module")
+def wide_int4_base(tmp_path_factory, smol_tokenizer_dir):
+    """3 layers, hidden 128, 4 heads of 32 over 2 kv heads: the attention's generic code."""
+    return _int4_llama(tmp_path_factory.mktemp("wide-int4"), smol_tokenizer_dir, hidden=128, heads=4, kv_heads=2, layers=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def smol_shaped_int4_base(tmp_path_factory, smol_tokenizer_dir):
+    """2 layers, hidden 192, 3 heads of 64 over 1 kv head: SmolLM2's head size and group of 3
+    (the attention's specialised code)."""
+    return _int4_llama(tmp_path_factory.mktemp("smol-int4"), smol_tokenizer_dir, hidden=192, heads=3, kv_heads=1, layers=2, seed=6)
 
 
 def _reference_step(lean) -> OneRowStep:
@@ -53,13 +65,19 @@ def _reference_step(lean) -> OneRowStep:
                       gate_up_spans=lean.layers[0].gate_up.spans)
 
 
-def _lora_rows(lean, rank: int, seed: int, scale: float) -> list[list[tuple]]:
-    """Per layer and projection group, random fp32 ``(A [r, in], B [r, out])`` (big enough to
-    move the output well past bf16 noise)."""
+def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
+    """fp32 values a bf16 holds exactly, as the engine's LoRA rows are (the slot table keeps them at bf16)."""
+    return t.bfloat16().float()
+
+
+def _lora_rows(lean, ranks: tuple[int, ...], seed: int, scale: float) -> list[list[tuple]]:
+    """Per layer and projection group, random ``(A [r, in], B [r, out])`` (fp32 holding bf16 values) with the group's
+    rank from ``ranks`` (0: no rows), big enough to move the output well past bf16 noise."""
     g = torch.Generator().manual_seed(seed)
     rows = []
     for layer in lean.layers:
-        rows.append([(torch.randn(rank, f.weight.shape[1], generator=g) * 0.1, torch.randn(rank, f.out_features, generator=g) * scale) for f in layer.fused])
+        rows.append([(_bf16_exact(torch.randn(r, f.weight.shape[1], generator=g) * 0.1), _bf16_exact(torch.randn(r, f.out_features, generator=g) * scale)) if r else (None, None)
+                     for f, r in zip(layer.fused, ranks)])
     return rows
 
 
@@ -122,9 +140,10 @@ def _exact_step(lean, h, pos, slot, keys, values, rows):
     return h, written
 
 
+@pytest.mark.parametrize("model", ["wide", "smol_shaped"])
 @pytest.mark.parametrize("pos", [0, 37, 63, 64, 130])
 @pytest.mark.parametrize("with_lora", [False, True], ids=["base", "lora"])
-def test_the_kernel_step_is_as_close_to_the_exact_step_as_the_torch_step(wide_int4_base, pos, with_lora):
+def test_the_kernel_step_is_as_close_to_the_exact_step_as_the_torch_step(request, model, pos, with_lora):
     """Kernel and plain torch step (bf16, int4 kernel with bf16 scales) against float64, in the
     output and in the K/V each writes: both carry a few bf16 roundings per layer, in different
     places, so neither is always closer: measured over these cases both were 1-5 bf16 ulps (of the
@@ -132,10 +151,10 @@ def test_the_kernel_step_is_as_close_to_the_exact_step_as_the_torch_step(wide_in
     the torch step's. The bound: at most 1.5x the torch step's error or 4 ulps, whichever is
     larger (a lost LoRA term or a misread weight is far over, see the end). Nothing else in the
     buffers changes."""
-    engine = _engine(wide_int4_base, {}, dtype=torch.bfloat16)
+    engine = _engine(request.getfixturevalue(f"{model}_int4_base"), {}, dtype=torch.bfloat16)
     lean = engine.lean
     assert lean.row_step is not None, lean.row_reason
-    rows = _lora_rows(lean, rank=6, seed=pos, scale=0.3) if with_lora else None
+    rows = _lora_rows(lean, ranks=(6, 0, 3, 16), seed=pos, scale=0.3) if with_lora else None  # o without rows
     inputs = _inputs_with(lean, rows)
     lean.row_step.set_adapter(("test", pos, with_lora), [[(x[4], x[5]), (x[9], x[10]), (x[15], x[16]), (x[20], x[21])] for x in inputs])
     g = torch.Generator().manual_seed(100 + pos)
@@ -195,3 +214,40 @@ def test_mixes_and_the_torch_switch_keep_the_per_op_path(wide_int4_base, tmp_pat
     assert off.lean.row_step is None and off.lean.row_reason == "per op (--decode-row torch)"
     narrow = _engine(wide_int4_base, {}, dtype=torch.bfloat16, int4_decode_rows=0)
     assert narrow.lean.row_step is None and "int4 decode GEMMs" in narrow.lean.row_reason
+
+
+def test_a_refused_adapter_leaves_the_step_as_it_was(smol_shaped_int4_base):
+    engine = _engine(smol_shaped_int4_base, {}, dtype=torch.bfloat16)
+    lean = engine.lean
+    step = lean.row_step
+    good = _lora_rows(lean, ranks=(4, 4, 4, 4), seed=1, scale=0.3)
+    step.set_adapter("good", good)
+    n_layers, kv_heads, d = len(lean.layers), lean.kv_heads, lean.head_dim
+    keys = [torch.zeros(2, kv_heads, 8, d, dtype=torch.bfloat16) for _ in range(n_layers)]
+    values = [torch.zeros_like(k) for k in keys]
+    h0 = torch.ones(1, lean.hidden, dtype=torch.bfloat16)
+    first = step.step(h0.clone(), lean.cos[3].contiguous(), lean.sin[3].contiguous(), [k.clone() for k in keys], [v.clone() for v in values], 0, 3)
+    bad = _lora_rows(lean, ranks=(64, 64, 64, 64), seed=2, scale=0.3)
+    bad[-1][3] = (bad[-1][3][0], bad[-1][3][1][:, :-16])  # the last projection's B a block short
+    with pytest.raises(ValueError, match="do not fit"):
+        step.set_adapter("bad", bad)
+    assert step.adapter_key == "good"
+    again = step.step(h0.clone(), lean.cos[3].contiguous(), lean.sin[3].contiguous(), [k.clone() for k in keys], [v.clone() for v in values], 0, 3)
+    assert torch.equal(first, again)  # the rank-64 rows checked first were never put in the table
+
+
+def test_a_long_stream_crosses_the_cache_growth_on_the_kernel_within_bf16_noise_of_peft(smol_shaped_int4_base, tmp_path):
+    """SmolLM2's head shape; 71 prompt tokens and 100 generated: the row's cache grows past 128
+    positions while the kernel runs (it re-reads the buffers' addresses)."""
+    adapters = {"a": make_random_adapter(smol_shaped_int4_base, tmp_path / "a", seed=51)}
+    engine = _engine(smol_shaped_int4_base, adapters, dtype=torch.bfloat16)
+    assert engine.lean.row_reason.startswith("C kernel"), engine.lean.row_reason
+    plan = [([1] + list(range(900, 970)), "a"), ([1, 5, 6, 7], None)]
+    requests = []
+    for i, (prompt, adapter) in enumerate(plan):
+        before = engine.lean.row_step.calls
+        requests.append(_request(str(i), prompt, adapter, 100))
+        run_engine(engine, {0: [requests[-1][0]]})
+        assert engine.lean.row_step.calls - before == 99
+    assert engine.kv.len_cap >= 171
+    _check_bf16_against_peft(smol_shaped_int4_base, adapters, plan, requests, n=100)
