@@ -14,6 +14,14 @@ from pathlib import Path
 import httpx
 
 
+#: a request that must still be running when a test acts on it (a timeout, a drain, a full queue):
+#: LONG_TOKENS tokens, on a server started with LONG_ARGS. A 2000-token request was long enough
+#: while a tiny model's stream ran at a few hundred tok/s; with one OpenMP team per process it ran
+#: at over 1000 and finished inside a 2 s timeout (docs/benchmarks.md, ninth session).
+LONG_TOKENS = 30000
+LONG_ARGS = ("--max-model-len", "32768")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

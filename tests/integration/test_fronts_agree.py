@@ -11,10 +11,10 @@ import pytest
 from loraplex.server.auth import KeyFile
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.server_harness import ServerProcess
+from tests.integration.server_harness import LONG_ARGS, LONG_TOKENS, ServerProcess
 
 PROMPT = [1, 520, 3000, 44, 17]
-#: long enough for a few tokens on a loaded machine, far too short for 2040 (the timeout case)
+#: long enough for a few tokens on a loaded machine, far too short for LONG_TOKENS (the timeout case)
 TIMEOUT_S = 2.0
 
 
@@ -24,7 +24,7 @@ def server(tiny_base, tmp_path_factory):
     (root / "adapters").mkdir()
     keys = KeyFile(root / "keys.yaml")
     secret = keys.add("both", "admin", ["*"])[0]
-    with ServerProcess(tiny_base, root / "adapters", "--api-keys-file", str(root / "keys.yaml"), "--request-timeout", str(TIMEOUT_S)) as srv:
+    with ServerProcess(tiny_base, root / "adapters", "--api-keys-file", str(root / "keys.yaml"), "--request-timeout", str(TIMEOUT_S), *LONG_ARGS) as srv:
         srv.secret = secret
         yield srv
 
@@ -72,7 +72,7 @@ def test_the_same_requests_reach_the_same_finish_reasons(server):
         "length": ({"max_tokens": 3}, {"max_tokens": 3}),
         "stop": ({"max_tokens": 3, "stop_token_ids": [first.token_ids[0]]}, {"max_tokens": 3, "stop_token_ids": [first.token_ids[0]]}),
         # runs past --request-timeout: OpenAI has no value for that; HTTP says "timeout" (documented)
-        "timeout": ({"max_tokens": 2040}, {"max_tokens": 2040}),
+        "timeout": ({"max_tokens": LONG_TOKENS}, {"max_tokens": LONG_TOKENS}),
     }
     spelled = {"length": ("length", pb.FINISH_REASON_LENGTH), "stop": ("stop", pb.FINISH_REASON_STOP), "timeout": ("timeout", pb.FINISH_REASON_CANCELLED)}
     for reason, (http_body, grpc_sampling) in cases.items():
@@ -81,7 +81,7 @@ def test_the_same_requests_reach_the_same_finish_reasons(server):
         assert code == grpc.StatusCode.OK
         assert (http["choices"][0]["finish_reason"], reply.finish_reason) == spelled[reason], reason
         if reason == "timeout":  # really cut short, on both
-            assert http["usage"]["completion_tokens"] < 2040 and reply.usage.completion_tokens < 2040
+            assert http["usage"]["completion_tokens"] < LONG_TOKENS and reply.usage.completion_tokens < LONG_TOKENS
         else:
             assert http["usage"]["completion_tokens"] == reply.usage.completion_tokens
 

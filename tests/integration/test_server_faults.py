@@ -16,7 +16,7 @@ import pytest
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.server_harness import ServerProcess
+from tests.integration.server_harness import LONG_ARGS, LONG_TOKENS, ServerProcess
 from tests.oracle import make_random_adapter, reference_greedy
 
 PROMPT = [1, 520, 3000, 44, 17]
@@ -62,18 +62,18 @@ def test_a_request_failing_inside_the_engine_fails_alone(tiny_base, adapter_dir,
 
 
 def test_request_timeout_ends_with_a_clear_finish_reason(tiny_base, adapter_dir, tmp_path):
-    with ServerProcess(tiny_base, _store(tmp_path, adapter_dir), "--request-timeout", "0.5") as srv:
+    with ServerProcess(tiny_base, _store(tmp_path, adapter_dir), "--request-timeout", "0.5", *LONG_ARGS) as srv:
         started = time.monotonic()
-        reply = httpx.post(srv.url + "/v1/completions", json={"model": "fa", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True}, timeout=60).json()
+        reply = httpx.post(srv.url + "/v1/completions", json={"model": "fa", "prompt": PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True}, timeout=60).json()
         assert time.monotonic() - started < 10
         assert reply["choices"][0]["finish_reason"] == "timeout"
-        assert 0 < reply["usage"]["completion_tokens"] < 2000
+        assert 0 < reply["usage"]["completion_tokens"] < LONG_TOKENS
 
 
 def test_sigterm_drains_then_aborts_at_the_shutdown_deadline(tiny_base, adapter_dir, tmp_path):
-    srv = ServerProcess(tiny_base, _store(tmp_path, adapter_dir), "--shutdown-timeout", "1").start()
+    srv = ServerProcess(tiny_base, _store(tmp_path, adapter_dir), "--shutdown-timeout", "1", *LONG_ARGS).start()
     try:
-        with httpx.stream("POST", srv.url + "/v1/completions", json={"model": "fa", "prompt": PROMPT, "max_tokens": 2000, "ignore_eos": True, "stream": True}, timeout=60) as resp:
+        with httpx.stream("POST", srv.url + "/v1/completions", json={"model": "fa", "prompt": PROMPT, "max_tokens": LONG_TOKENS, "ignore_eos": True, "stream": True}, timeout=60) as resp:
             lines = resp.iter_lines()
             assert next(lines).startswith("data: ")
             srv.proc.send_signal(signal.SIGTERM)

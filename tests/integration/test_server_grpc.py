@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.v1 import inference_pb2 as pb
 from loraplex.v1 import inference_pb2_grpc as pb_grpc
-from tests.integration.server_harness import ServerProcess
+from tests.integration.server_harness import LONG_ARGS, LONG_TOKENS, ServerProcess
 from tests.oracle import make_random_adapter, reference_greedy
 
 PROMPTS = [[1, 520, 3000, 44, 17], [1, 9, 8, 7], [1, 400, 401, 402, 403, 404], [1, 77]]
@@ -42,7 +42,7 @@ def server(tiny_base, adapters, tmp_path_factory):
     shutil.copytree(adapters["ga"], dora)
     config = json.loads((dora / "adapter_config.json").read_text())
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with ServerProcess(tiny_base, store) as srv:
+    with ServerProcess(tiny_base, store, *LONG_ARGS) as srv:
         yield srv
 
 
@@ -126,7 +126,7 @@ def test_cancellation_and_deadline_free_the_slot(server):
     async def run():
         async with grpc.aio.insecure_channel(server.grpc_address) as channel:
             stub = pb_grpc.InferenceStub(channel)
-            call = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=200)))
+            call = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=LONG_TOKENS)))
             seen = 0
             async for _ in call:
                 seen += 1
@@ -134,7 +134,7 @@ def test_cancellation_and_deadline_free_the_slot(server):
                     call.cancel()
                     break
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Generate(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[1], sampling=_sampling(max_tokens=2000)), timeout=0.5)
+                await stub.Generate(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[1], sampling=_sampling(max_tokens=LONG_TOKENS)), timeout=0.5)
             return info.value.code()
 
     assert asyncio.run(run()) == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -150,7 +150,7 @@ def test_cancellation_and_deadline_free_the_slot(server):
     [
         (pb.GenerateRequest(adapter="nope", prompt="x"), grpc.StatusCode.NOT_FOUND, "does not exist"),
         (pb.GenerateRequest(adapter="ga", prompt="x", sampling=pb.SamplingParams(temperature=5)), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be in [0, 2], got 5.0 (field: temperature)"),
-        (pb.GenerateRequest(adapter="ga", prompt="x", sampling=pb.SamplingParams(max_tokens=3000)), grpc.StatusCode.INVALID_ARGUMENT, "> --max-model-len 2048 (field: max_tokens)"),
+        (pb.GenerateRequest(adapter="ga", prompt="x", sampling=pb.SamplingParams(max_tokens=40000)), grpc.StatusCode.INVALID_ARGUMENT, "> --max-model-len 32768 (field: max_tokens)"),
         (pb.GenerateRequest(adapter="ga", prompt=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
         (pb.GenerateRequest(adapter="ga", prompt="x", prompt_token_ids=[1]), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
         (pb.GenerateRequest(adapter="gdora", prompt="x"), grpc.StatusCode.FAILED_PRECONDITION, "use_dora=true"),
@@ -205,11 +205,11 @@ def test_queue_full_is_resource_exhausted(tiny_base, adapters, tmp_path):
     store = tmp_path / "adapters"
     store.mkdir()
     shutil.copytree(adapters["ga"], store / "ga")
-    with ServerProcess(tiny_base, store, "--max-batch-size", "1", "--max-queue", "0") as srv:
+    with ServerProcess(tiny_base, store, "--max-batch-size", "1", "--max-queue", "0", *LONG_ARGS) as srv:
         async def run():
             async with grpc.aio.insecure_channel(srv.grpc_address) as channel:
                 stub = pb_grpc.InferenceStub(channel)
-                long_call = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=2000)))
+                long_call = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=LONG_TOKENS)))
                 await long_call.read()  # first token: the only batch row is now taken
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await stub.Generate(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[1], sampling=_sampling()))
@@ -306,12 +306,13 @@ def test_sigterm_flips_health_at_once_and_lets_a_running_stream_finish(tiny_base
     store = tmp_path / "adapters"
     store.mkdir()
     shutil.copytree(adapters["ga"], store / "ga")
-    srv = ServerProcess(tiny_base, store).start()
+    srv = ServerProcess(tiny_base, store, *LONG_ARGS).start()
     try:
         with grpc.insecure_channel(srv.grpc_address) as channel:
             stub = pb_grpc.InferenceStub(channel)
             health = health_pb2_grpc.HealthStub(channel)
-            stream = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=300)))
+            # long enough to outlast the health checks below (a few seconds at most), well inside --shutdown-timeout
+            stream = stub.GenerateStream(pb.GenerateRequest(adapter="ga", prompt_token_ids=PROMPTS[0], sampling=_sampling(max_tokens=3000)))
             first = next(stream)
             srv.proc.send_signal(signal.SIGTERM)
             status = None
@@ -323,7 +324,7 @@ def test_sigterm_flips_health_at_once_and_lets_a_running_stream_finish(tiny_base
                 time.sleep(0.02)
             assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             rest = list(stream)  # the running stream is not cut
-        assert sum(len(m.token_ids) for m in [first, *rest]) == 300
+        assert sum(len(m.token_ids) for m in [first, *rest]) == 3000
         assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
         assert srv.proc.wait(30) == 0
     finally:

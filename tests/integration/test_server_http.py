@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from loraplex.server.store import AdapterManifest, sha256_file, write_manifest
-from tests.integration.server_harness import ServerProcess, concurrent_completions, text_of
+from tests.integration.server_harness import LONG_ARGS, LONG_TOKENS, ServerProcess, concurrent_completions, text_of
 from tests.integration.server_harness import complete as harness_complete
 from tests.oracle import cached_oracle, make_random_adapter
 
@@ -340,10 +340,10 @@ def test_lru_eviction_with_max_loras_2(tiny_base, pool, tmp_path_factory, oracle
 
 def test_queue_full_gets_429(tiny_base, pool, tmp_path_factory):
     store = _store(tmp_path_factory, pool, ["a"], "queue")
-    with ServerProcess(tiny_base, store, "--max-batch-size", "1", "--max-queue", "1") as srv:
+    with ServerProcess(tiny_base, store, "--max-batch-size", "1", "--max-queue", "1", *LONG_ARGS) as srv:
         async def run():
             async with httpx.AsyncClient(timeout=120) as client:
-                body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 2000, "temperature": 0, "ignore_eos": True, "stream": True}
+                body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": LONG_TOKENS, "temperature": 0, "ignore_eos": True, "stream": True}
                 short = {"model": "a", "prompt": PROMPTS[1], "max_tokens": 5}
                 async with client.stream("POST", srv.url + "/v1/completions", json=body) as running:
                     lines = running.aiter_lines()  # keep a reference: a collected iterator closes the stream
