@@ -37,9 +37,9 @@ DECODE_KERNEL = {"enabled": True}
 MAX_HEAD_DIM = 256
 MAX_GROUP = 8
 
-#: the C of one (token, kv head) problem, ``attend_one`` (and ``hsum16``, which it uses): shared
-#: with the one-row decode step (row_kernel.py); needs ``load16`` (an unmasked bf16 load to fp32),
-#: ``exp16``, MAXG, MAXD and BLK defined before it
+#: the C of one (token, kv head) problem, ``attend_group`` over ``attend_one`` (and ``hsum16``,
+#: which it uses): shared with the one-row decode step (row_kernel.py); needs ``load16`` (an
+#: unmasked bf16 load to fp32), ``exp16``, MAXG, MAXD and BLK defined before it
 ATTEND_ONE = r"""
 /* lane j of the result = the sum of a[j]'s 16 lanes: pairs interleaved and added (unpack), then
    quads (shuffle), then across the four 128-bit lanes (shuffle_f32x4), 45 instructions for 16
@@ -126,6 +126,34 @@ static inline __attribute__((always_inline)) void attend_one(const int G, const 
     }
 }
 
+
+/* One kv head's group: the common shapes with constants (the queries and accumulators stay in
+   registers), any other through the generic code. */
+#define ONE(GG, NC) attend_one(GG, NC, q, qh, kb, vb, L, scale, out)
+static void attend_group(const int G, const int nc, const uint16_t *q, const int64_t qh, const uint16_t *kb, const uint16_t *vb,
+                         const int64_t L, const float scale, uint16_t *out) {
+    if (nc == 2) {
+        switch (G) {
+            case 1: ONE(1, 2); return;
+            case 2: ONE(2, 2); return;
+            case 3: ONE(3, 2); return;
+            case 4: ONE(4, 2); return;
+            case 5: ONE(5, 2); return;
+            case 6: ONE(6, 2); return;
+            case 7: ONE(7, 2); return;
+            case 8: ONE(8, 2); return;
+        }
+    } else if (nc == 4) {
+        switch (G) {
+            case 1: ONE(1, 4); return;
+            case 2: ONE(2, 4); return;
+            case 4: ONE(4, 4); return;
+            case 8: ONE(8, 4); return;
+        }
+    }
+    attend_one(G, nc, q, qh, kb, vb, L, scale, out);
+}
+#undef ONE
 """
 
 _SOURCE = r"""
@@ -156,9 +184,7 @@ static inline __m512 load16(const uint16_t *p) {
 }
 
 """ + csimd.EXP16 + r"""
-""" + ATTEND_ONE + r"""#define ONE(G, NC) attend_one(G, NC, qt + g * (G) * q_head, q_head, kb, vb, L, scale, ot + g * (G) * d)
-
-/* n decode tokens. Token t attends with query heads q[t, h, :] (h in [0, heads)) over positions
+""" + ATTEND_ONE + r"""/* n decode tokens. Token t attends with query heads q[t, h, :] (h in [0, heads)) over positions
    [0, lens[t]) of KV row slots[t]; query head h reads kv head h / (heads / kv_heads). Layouts
    (strides in elements, the last dimension contiguous):
      q[t, h, i]      at q + t * q_row + h * q_head + i
@@ -184,27 +210,7 @@ int64_t decode_attention_bf16(int64_t n, int64_t heads, int64_t kv_heads, int64_
         uint16_t *ot = out + t * out_row;
         const uint16_t *kb = k + (int64_t)slots[t] * kv_row + g * kv_head;
         const uint16_t *vb = v + (int64_t)slots[t] * kv_row + g * kv_head;
-        /* the common shapes with constants (registers); any other through the generic call */
-        if (nc == 2) {
-            switch (G) {
-                case 1: ONE(1, 2); continue;
-                case 2: ONE(2, 2); continue;
-                case 3: ONE(3, 2); continue;
-                case 4: ONE(4, 2); continue;
-                case 5: ONE(5, 2); continue;
-                case 6: ONE(6, 2); continue;
-                case 7: ONE(7, 2); continue;
-                case 8: ONE(8, 2); continue;
-            }
-        } else if (nc == 4) {
-            switch (G) {
-                case 1: ONE(1, 4); continue;
-                case 2: ONE(2, 4); continue;
-                case 4: ONE(4, 4); continue;
-                case 8: ONE(8, 4); continue;
-            }
-        }
-        attend_one(G, nc, qt + g * G * q_head, q_head, kb, vb, L, scale, ot + g * G * d);
+        attend_group(G, nc, qt + g * G * q_head, q_head, kb, vb, L, scale, ot + g * G * d);
     }
     return 0;
 }

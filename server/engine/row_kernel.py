@@ -187,30 +187,6 @@ static void rope_row(int64_t n, int64_t d, uint16_t *x, const uint16_t *cos, con
     }
 }
 
-/* one kv head's group of G query heads (q, head stride d) over positions [0, L) of kb/vb -> o:
-   the common shapes with constants (registers), any other through the generic code */
-#define ONE(GG, NC) attend_one(GG, NC, q, d, kb, vb, L, scale, o)
-static void attend_group(int G, int nc, const uint16_t *q, int64_t d, const uint16_t *kb, const uint16_t *vb, int64_t L, float scale, uint16_t *o) {
-    if (nc == 2) {
-        switch (G) {
-            case 1: ONE(1, 2); return;
-            case 2: ONE(2, 2); return;
-            case 3: ONE(3, 2); return;
-            case 4: ONE(4, 2); return;
-            case 6: ONE(6, 2); return;
-            case 8: ONE(8, 2); return;
-        }
-    } else if (nc == 4) {
-        switch (G) {
-            case 1: ONE(1, 4); return;
-            case 2: ONE(2, 4); return;
-            case 4: ONE(4, 4); return;
-            case 8: ONE(8, 4); return;
-        }
-    }
-    attend_one(G, nc, q, d, kb, vb, L, scale, o);
-}
-
 /* The whole one-row step. h [hidden] bf16: the embedded token in, the last layer's output out
    (before the final norm). cos/sin [d] bf16: this position's. K/V buffers per layer at kbufs[l],
    vbufs[l] ([rows, kv_heads, cap, d] contiguous: row stride kv_row, head stride kv_head); the
@@ -259,7 +235,7 @@ int64_t row_step_bf16(int64_t n_layers, const layer_t *layers, int64_t hidden, i
 #pragma omp for schedule(static, 1)
             for (int64_t g = 0; g < kv_heads; g++) {                 /* attention, then the group sums of its output */
                 const int64_t lo = g * G * d, hi = (g + 1) * G * d;
-                attend_group(G, nc, proj + lo, d, kbufs[l] + slot * kv_row + g * kv_head, vbufs[l] + slot * kv_row + g * kv_head, L, scale, att + lo);
+                attend_group(G, nc, proj + lo, d, kbufs[l] + slot * kv_row + g * kv_head, vbufs[l] + slot * kv_row + g * kv_head, L, scale, att + lo); /* head stride d */
                 for (int64_t c = lo; c < hi; c += 32) sums[c / 32] = _mm512_reduce_add_ps(_mm512_add_ps(load16(att + c), load16(att + c + 16)));
             }
             if (ly->o.a) { /* the same for every thread */
