@@ -454,7 +454,7 @@ class LlamaStepForward:
         ctx = self.layers[0].o_lora.context
         if (ctx.used and not ctx.single) or lora_math.SMALL_M_FP32 < 1 or not lora_math.GROUPED_LORA["enabled"]:
             return None  # mixes, or the A/B switches away from the small-step path whose rows it reads
-        if any(f.int4 is None or f.int4_rows < 1 for layer in self.layers for f in layer.fused):
+        if self.layers[0].qkv.int4_rows < 1:  # set for every projection at once (_use_int4, the A/B tool's int4 switch)
             return None
         step = self.row_step
         key = (ctx.used, ctx.version)
