@@ -12,6 +12,9 @@ round so that load from other processes hits every mode alike:
   = fp32 weights under ``torch.autocast``, the former ``--bf16 true``)
 - ``autocast``, ``bf16-full``, ``bf16-sdpa``: one change at a time (autocast with labelled
   positions only; a bf16 base with full logits; a bf16 base keeping torch's sdpa attention)
+- ``fp32-peft``, ``bf16-peft``: ``fp32`` / ``bf16`` with peft's own LoRA forward (its
+  ``nn.Dropout`` and separate ops); every other mode runs ``lora_fused.install`` as
+  ``train-adapter`` does
 
 Prints seconds per step, per-round ratios to the first mode and the load average. A measuring
 tool, not used by training.
@@ -24,7 +27,7 @@ import os
 import tempfile
 import time
 
-MODES = ("fp32", "bf16", "fp32-full", "autocast-full", "autocast", "bf16-full", "bf16-sdpa")
+MODES = ("fp32", "bf16", "fp32-full", "autocast-full", "autocast", "bf16-full", "bf16-sdpa", "fp32-peft", "bf16-peft")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from loraplex.server.basemodel import load_base_model, load_tokenizer, resolve_base
     from loraplex.training.config import configs_from_argv
+    from loraplex.training import lora_fused
     from loraplex.training.data import IGNORE_INDEX, PromptRenderer, SupervisedDataset, prepare_records
     from loraplex.training.trainer import lora_config_for, labelled_token_loss, resolve_target_modules, use_bf16_attention
 
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if mode.startswith("bf16") and mode != "bf16-sdpa":
             use_bf16_attention(model)  # as train-adapter does for a bf16 base
         peft_model = get_peft_model(model, lora_config_for(cfg, resolve_target_modules(cfg, model)))
+        branch = "peft's LoRA forward" if mode.endswith("-peft") else lora_fused.install(peft_model)
+        print(f"{mode}: {branch}")
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         runs[mode] = (peft_model, params, torch.optim.AdamW(params, lr=cfg.learning_rate))

@@ -28,6 +28,7 @@ LOSS_METRICS = ("loss", "perplexity")
 REPORT_TO = ("none", "tensorboard", "wandb")
 DATA_FORMATS = ("auto", "chat", "alpaca", "sharegpt", "input_output")
 BF16 = ("auto", "true", "false")
+LORA_BRANCHES = ("fused", "peft")
 #: peft LoraConfig.init_lora_weights values we pass through (peft 0.17+ knows them all on a plain Linear).
 INIT_LORA_WEIGHTS = ("true", "false", "gaussian", "pissa", "olora", "orthogonal")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop", "lion_32bit", "adamw_bnb_8bit", "paged_adamw_8bit")
@@ -94,6 +95,7 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).")
     quantization_aware: str = _f("none", "Train against the base weights a quantized export serves, so the adapter learns around their rounding error: onnx-int4 = the int4 ONNX export's block-wise 4-bit weights (loraplex export-onnx, default options), dequantized into the torch base. Base and adapter are scored on those weights too. Not with --method qlora.", choices=QUANTIZATION_AWARE)
     bf16: str = _f("auto", "bfloat16 training: auto (on where the CPU has AMX or AVX512-BF16, or on CUDA), true, false. The frozen base is held in bf16 (the dtype loraplex serve --dtype auto serves on such a machine, so base and adapter are scored in it too); LoRA weights and optimizer state stay fp32. qlora, --quantization_aware and PiSSA/OLoRA keep an fp32 base: with them auto stays fp32 on CPU and true means autocast. Measured in docs/training.md.", choices=BF16)
+    lora_branch: str = _f("fused", "How each LoRA branch runs on CPU: fused (one autograd node in the base's dtype over the fp32 LoRA weights, with a Philox dropout mask from a small C kernel) or peft (peft's own forward: separate torch ops and nn.Dropout). CUDA, qlora and DoRA layers always take peft's. Measured in docs/training.md.", choices=LORA_BRANCHES)
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule.", choices=SCHEDULERS)
     warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up the learning rate.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory by recomputing activations.")
@@ -190,7 +192,7 @@ class TrainConfig:
             )
         if self.data_config and not self.data_name:
             raise TrainInputError("--data_config selects a subset of --data_name; give --data_name too", param="data_config")
-        choice_fields = ("method", "report_to", "lr_scheduler_type", "data_format", "bf16", "init_lora_weights", "optim", "quantization_aware")
+        choice_fields = ("method", "report_to", "lr_scheduler_type", "data_format", "bf16", "init_lora_weights", "optim", "quantization_aware", "lora_branch")
         for name in choice_fields:
             value = getattr(self, name)
             choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]

@@ -82,6 +82,7 @@ class TrainResult:
     throughput: dict[str, float] = field(default_factory=dict)
     memory: dict[str, float] = field(default_factory=dict)
     bf16: bool = False
+    lora_branch: str = ""
     log_history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -472,6 +473,8 @@ def train_one(
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import ProgressCallback
 
+    from loraplex.training import lora_fused
+
     started = time.monotonic()
     set_seed(cfg.seed)
     model, tokenizer = base.model, base.tokenizer
@@ -496,6 +499,8 @@ def train_one(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora_config = lora_config_for(cfg, targets)
     peft_model = get_peft_model(model, lora_config)
+    # one autograd node per LoRA branch on CPU, unless asked for peft's own forward
+    lora_branch = lora_fused.install(peft_model) if cfg.lora_branch == "fused" else "peft's LoRA forward (--lora_branch peft)"
     initial_dir = None
     if cfg.init_lora_weights in _BASE_REWRITING_INITS and publish:
         # peft converts a PiSSA/OLoRA adapter back to plain LoRA on the original base from its initial state
@@ -554,6 +559,7 @@ def train_one(
         throughput=throughput,
         memory=peak_memory_mb(),
         bf16=base.bf16,
+        lora_branch=lora_branch,
         log_history=list(trainer.state.log_history),
     )
     if publish:
@@ -617,6 +623,7 @@ def _publish(cfg, base: LoadedBase, peft_model, targets, result, fmt, train_ds, 
                 "bf16": result.bf16,
                 "bf16_reason": base.bf16_reason,
                 "bf16_mode": base.bf16_mode,
+                "lora_branch": result.lora_branch,
                 "throughput": result.throughput,
                 "memory": result.memory,
                 "packing": cfg.packing,

@@ -32,7 +32,7 @@ import ctypes
 
 import torch
 
-from loraplex.server.engine import native
+from loraplex.server import native
 
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs

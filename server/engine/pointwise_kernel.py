@@ -23,7 +23,8 @@ import ctypes
 
 import torch
 
-from loraplex.server.engine import csimd, native
+from loraplex.server import native
+from loraplex.server.engine import csimd
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 POINTWISE_KERNEL = {"enabled": True}

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.server.engine import attention_kernel, csimd, native
+from loraplex.server import native
+from loraplex.server.engine import attention_kernel, csimd
 
 #: the switch tools/engine_bench.py and tools/paired_steps.py flip for A/B runs
 ROW_KERNEL = {"enabled": True}

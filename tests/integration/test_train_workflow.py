@@ -149,6 +149,18 @@ def test_trainer_receives_the_optimiser_flags(tmp_path, tiny_base, label_data, m
     assert seen == {"optim": "sgd", "weight_decay": 0.05, "max_grad_norm": 0.25, "bf16": False}
     report = json.loads((tmp_path / "adapters" / "spy" / "training_report.json").read_text())
     assert report["bf16"] is True and report["bf16_mode"] == "weights"
+    # the LoRA branches ran as training/lora_fused.py's node (the tiny base: 2 layers x 7 projections)
+    assert report["lora_branch"].startswith("fused LoRA branch on 14 layers"), report["lora_branch"]
+
+
+def test_lora_branch_peft_keeps_peft_forward(tmp_path, tiny_base, label_data, monkeypatch):
+    from loraplex.training import lora_fused
+
+    monkeypatch.setattr(lora_fused, "install", lambda model: pytest.fail("--lora_branch peft must not swap layers"))
+    _train(tmp_path, tiny_base, label_data, "plainpeft", "--max_steps", "1", "--lora_branch", "peft")
+    report = json.loads((tmp_path / "adapters" / "plainpeft" / "training_report.json").read_text())
+    assert report["lora_branch"] == "peft's LoRA forward (--lora_branch peft)"
+    assert report["config"]["lora_branch"] == "peft"
 
 
 def test_packing_trains_and_counts_examples(tmp_path, tiny_base, label_data):

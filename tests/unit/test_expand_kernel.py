@@ -144,7 +144,7 @@ def test_an_untrusted_kernel_folder_is_refused_and_the_torch_path_stays(planted,
     with the reason, and ``available()`` is False (for each of the engine's kernels)."""
     import importlib
 
-    from loraplex.server.engine import native
+    from loraplex.server import native
 
     kernel = importlib.import_module(f"loraplex.server.engine.{module}")
     real = tmp_path / "real"
@@ -176,7 +176,7 @@ def test_the_library_builds_into_the_named_folder(tmp_path, monkeypatch):
     path = done.stdout.strip().splitlines()[-1]
     assert path.startswith(str(folder)) and path.endswith(".so") and (folder / path.rsplit("/", 1)[1]).is_file()
     monkeypatch.setenv("LORAPLEX_KERNEL_DIR", str(folder))
-    from loraplex.server.engine import native
+    from loraplex.server import native
 
     assert native.library_path("lora_expand", expand_kernel._SOURCE, expand_kernel._FLAGS) == path
 
@@ -224,7 +224,7 @@ def test_a_second_openmp_runtime_is_named(monkeypatch, tmp_path):
     The process map is a file written here (this process has only libgomp)."""
     import builtins
 
-    from loraplex.server.engine import native
+    from loraplex.server import native
 
     assert native._foreign_openmp() is None  # this very process: torch's libgomp only
     real_open = builtins.open

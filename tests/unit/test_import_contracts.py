@@ -28,7 +28,7 @@ KNOWN_BROKEN: dict[str, str] = {
 #: "only" contracts: the server packages the source may import (directly or through others)
 ONLY_ALLOWED = {
     "store-only": {"store", "errors"},
-    "training-only": {"store", "basemodel", "errors"},
+    "training-only": {"store", "basemodel", "errors", "native"},
     "client-only": {"grpc_client"},
 }
 
