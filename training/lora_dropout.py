@@ -10,7 +10,7 @@ What replaces it, per call:
 
 - **The mask**: element ``i`` is kept when a 32-bit word of Philox4x32-10 (the counter-based
   generator torch uses for dropout on CUDA; Salmon et al., SC'11) is below
-  ``round((1 - p) * 2**32)``, so the drop probability is ``p`` to within 2**-33. The key is a fresh
+  ``round((1 - p) * 2**32)``, so the drop probability is ``p`` to within 2**-32. The key is a fresh
   64-bit seed drawn from torch's CPU generator on every call, so ``--seed`` still makes a run
   repeatable and ``torch.utils.checkpoint`` (which restores that generator) recomputes the same
   mask. Word ``w`` of block ``16 k + j`` is element ``64 k + 16 w + j``: sixteen blocks per vector

@@ -15,7 +15,8 @@ import torch
 
 from loraplex.training import lora_dropout, lora_fused
 
-pytestmark = pytest.mark.skipif(not lora_dropout.available(), reason=f"no C kernel here: {lora_dropout.why_not()}")
+#: tests of the C mask itself; everything else also runs (and must pass) without it
+needs_kernel = pytest.mark.skipif(not lora_dropout.available(), reason=f"no C kernel here: {lora_dropout.why_not()}")
 
 M32 = 0xFFFFFFFF
 
@@ -54,12 +55,14 @@ KAT = [
 ]
 
 
+@needs_kernel
 @pytest.mark.parametrize("counter,key,expected", KAT)
 def test_the_generator_gives_the_published_philox_answers(counter, key, expected):
     assert lora_dropout.philox4x32(counter, key) == expected
     assert _philox_py(counter, key) == expected  # the Python reference below is the same algorithm
 
 
+@needs_kernel
 @pytest.mark.parametrize("seed", [0, 12345, -(2**63) + 977, 2**62 + 3])
 def test_each_element_takes_its_documented_word_in_the_vector_body_and_the_tail(seed):
     n = 64 * 5 + 37  # five full 64-element chunks and a tail
@@ -70,6 +73,7 @@ def test_each_element_takes_its_documented_word_in_the_vector_body_and_the_tail(
     assert torch.equal(y[keep], x[keep] * 2.0)
 
 
+@needs_kernel
 @pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
 def test_the_drop_rate_is_p_within_binomial_noise(p):
     n, rounds = 4_000_000, 5
@@ -79,6 +83,7 @@ def test_the_drop_rate_is_p_within_binomial_noise(p):
     assert abs(dropped / (n * rounds) - p) < 5 * sigma
 
 
+@needs_kernel
 def test_masks_of_different_seeds_are_independent_and_the_same_seed_repeats():
     ones = torch.ones(1_000_000)
     a = lora_dropout.apply_mask(ones, 0.5, 1, torch.float32) != 0
@@ -88,6 +93,7 @@ def test_masks_of_different_seeds_are_independent_and_the_same_seed_repeats():
     assert abs(both - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 1_000_000)  # P(keep in both) = 1/4 when independent
 
 
+@needs_kernel
 def test_the_mask_does_not_depend_on_the_thread_count():
     x = torch.randn(300_001)
     threads = torch.get_num_threads()
@@ -101,11 +107,21 @@ def test_the_mask_does_not_depend_on_the_thread_count():
     assert torch.equal(one, two)
 
 
+@needs_kernel
 def test_bf16_input_and_output_round_as_torch_does():
-    x = torch.randn(70_000) * 3
-    x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3.0e38])
-    fp32 = lora_dropout.apply_mask(x, 0.1, 5, torch.float32)
-    assert torch.equal(lora_dropout.apply_mask(x, 0.1, 5, torch.bfloat16).view(torch.int16), fp32.to(torch.bfloat16).view(torch.int16))
+    n = 70_000 + 37  # a tail after the last 64-element chunk
+    x = torch.randn(n) * 3
+    specials = torch.tensor([float("inf"), -float("inf"), float("nan"), 0.0, -0.0, 3.0e38, 1e-40, 2.0**-126 * 1.5])
+    x[:8] = specials  # in the vector body
+    x[-8:] = specials  # in the scalar tail
+    p = 1e-12  # keeps every element (p rounds to 2^-32): each output is x's own rounding
+    fp32 = lora_dropout.apply_mask(x, p, 5, torch.float32)
+    assert torch.equal(torch.isnan(fp32), torch.isnan(x))
+    ours = lora_dropout.apply_mask(x, p, 5, torch.bfloat16)
+    theirs = fp32.to(torch.bfloat16)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs))
+    finite = ~torch.isnan(theirs)
+    assert torch.equal(ours[finite].view(torch.int16), theirs[finite].view(torch.int16))  # bit for bit
     xb = x.to(torch.bfloat16)
     from_bf16 = lora_dropout.apply_mask(xb, 0.1, 5, torch.float32)
     keep = lora_dropout.apply_mask(torch.ones_like(x), 0.1, 5, torch.float32) != 0
@@ -170,6 +186,7 @@ def test_without_dropout_the_fp32_branch_matches_peft_output_and_gradients():
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_with_dropout_the_branch_equals_float64_arithmetic_with_the_philox_mask(dtype):
     p = 0.4
@@ -198,6 +215,7 @@ def test_with_dropout_the_branch_equals_float64_arithmetic_with_the_philox_mask(
             assert ((ours.double() - expected).norm() / expected.norm()).item() < 2e-2
 
 
+@needs_kernel
 def test_a_dropped_input_gets_no_lora_gradient():
     """The backward applies the forward's mask: with a zero base weight, only kept inputs get a gradient."""
     model, layer = _lora_layer(torch.float32, 0.5)
@@ -255,14 +273,40 @@ def test_dora_and_merged_layers_take_peft_forward():
 
 
 def test_without_the_kernel_a_torch_mask_is_drawn_and_reused_backwards(monkeypatch):
+    """A = I and B = [I; 0] with a zero base: the output shows d = keep * x / (1 - p) itself, and the
+    input gradient must be zero exactly where the forward dropped."""
     monkeypatch.setattr(lora_dropout, "available", lambda: False)
-    model, layer = _lora_layer(torch.float32, 0.5)
+    model, layer = _lora_layer(torch.float32, 0.5, r=24)
     with torch.no_grad():
         layer.base_layer.weight.zero_()
+        layer.base_layer.bias.zero_()
+        layer.lora_A["default"].weight.copy_(torch.eye(24))
+        layer.lora_B["default"].weight.zero_()
+        layer.lora_B["default"].weight[:24].copy_(torch.eye(24))
     x = torch.randn(50, 24)
-    out, grad_x, _, _ = _grads(model, layer, x, torch.randn(50, 40))
-    assert 0.3 < (grad_x == 0).float().mean().item() < 0.7  # about half the inputs dropped
-    assert out.isfinite().all()
+    out, grad_x, _, _ = _grads(model, layer, x, torch.ones(50, 40))
+    dropped = out[:, :24] == 0
+    assert 0.3 < dropped.float().mean().item() < 0.7  # about half the inputs dropped
+    torch.testing.assert_close(out[:, :24][~dropped], layer.scaling["default"] * x[~dropped] / 0.5)
+    assert torch.equal(grad_x == 0, dropped)
+
+
+def test_lora_bias_several_adapters_and_disabled_adapters_take_peft_forward():
+    x = torch.randn(4, 24)
+    model, layer = _lora_layer(torch.float32, 0.0, lora_bias=True)
+    assert layer._fused_adapter(x, {}) is None
+    plain, _ = _lora_layer(torch.float32, 0.0, fused=False, lora_bias=True)
+    torch.testing.assert_close(model(x), plain(x))
+    model, layer = _lora_layer(torch.float32, 0.0)
+    with model.disable_adapter():
+        assert layer._fused_adapter(x, {}) is None
+        torch.testing.assert_close(model(x), layer.base_layer(x))
+    from peft import LoraConfig
+
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["proj"]))
+    layer.set_adapter(["default", "second"])
+    assert layer._fused_adapter(x, {}) is None
+    assert layer._fused_adapter(x, {"alora_offsets": [1]}) is None
 
 
 def test_gradient_checkpointing_recomputes_the_same_masks():
