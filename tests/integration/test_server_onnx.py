@@ -143,3 +143,29 @@ def test_metrics_count_per_adapter(server):
 def test_onnx_backend_needs_a_model_folder(tmp_path, capsys):
     assert loraplex_main(["serve", "--backend", "onnx"]) == 2
     assert "--backend onnx needs --model" in capsys.readouterr().err
+
+
+def test_int4_export_shows_each_adapters_replayed_agreement_in_v1_adapters(tiny_base, pool, tmp_path):
+    """On an int4 export, an adapter taken from the store has its training report's stored answers
+    replayed on the export when it is converted: ``/v1/adapters`` shows the number and a low one
+    is logged as a warning; an adapter without stored answers shows null. The stored answers here
+    are words the random tiny model never answers, so none may be reproduced."""
+    import json
+
+    model = tmp_path / "models" / "int4"
+    assert loraplex_main(["export-onnx", "--base", str(tiny_base), "--output_path", str(model), "--precision", "int4"]) == 0
+    store = tmp_path / "adapters"
+    store.mkdir()
+    shutil.copytree(pool["x1"], store / "told")
+    shutil.copytree(pool["x2"], store / "silent")
+    samples = [{"prompt": f"question {i}", "reference": "yes", "prediction": f"answer number {i} is a long sentence"} for i in range(3)]
+    (store / "told" / "training_report.json").write_text(json.dumps({"eval_samples": samples}))
+    with ServerProcess(tiny_base, store, "--backend", "onnx", "--model", str(model), "--max-lora-rank", "8", "--max-model-len", "256") as srv:
+        for name in ("told", "silent"):
+            reply = httpx.post(srv.url + "/v1/load_lora_adapter", json={"lora_name": name}, timeout=120)
+            assert reply.status_code == 200, reply.text
+        listed = {a["name"]: a for a in httpx.get(srv.url + "/v1/adapters").json()["data"]}
+        assert listed["told"]["export_agreement"] == {"agreement": 0.0, "samples": 3, "reproduced": 0, "threshold": 0.9, "precision": "int4"}
+        assert listed["silent"]["export_agreement"] is None
+        assert httpx.get(srv.url + "/v1/adapters/told").json()["export_agreement"]["samples"] == 3
+        assert "adapter told reproduces 0 of 3 held-out answers from its training report on this int4 export" in srv.log()
