@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import DataCollatorForSeq2Seq
 
     from loraplex.server.basemodel import load_base_model, load_tokenizer, resolve_base
-    from loraplex.training.config import configs_from_argv
     from loraplex.training import lora_fused
+    from loraplex.training.config import configs_from_argv
     from loraplex.training.data import IGNORE_INDEX, PromptRenderer, SupervisedDataset, prepare_records
     from loraplex.training.trainer import lora_config_for, labelled_token_loss, resolve_target_modules, use_bf16_attention
 

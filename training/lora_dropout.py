@@ -3,8 +3,8 @@
 Why it exists: peft puts an ``nn.Dropout`` on the input of every LoRA branch (210 of them on the
 embedded base: 30 layers x 7 projections). On CPU each one fills a random tensor the size of its
 input with ``bernoulli_``, divides it by the keep probability, and multiplies; the backward pass
-multiplies again by the saved mask. That was the largest cost a bf16 step and an fp32 step share
-(0.39 s of a 1.38 s bf16 step on an AMX Xeon, docs/training.md), so it held ``--bf16`` below 2x fp32.
+multiplies again by the saved mask. That was the largest cost a bf16 step and an fp32 step shared
+(0.39 s of a 1.38 s bf16 step on an AMX Xeon, docs/training.md).
 
 What replaces it, per call:
 
