@@ -12,9 +12,10 @@ round so that load from other processes hits every mode alike:
   = fp32 weights under ``torch.autocast``, the former ``--bf16 true``)
 - ``autocast``, ``bf16-full``, ``bf16-sdpa``: one change at a time (autocast with labelled
   positions only; a bf16 base with full logits; a bf16 base keeping torch's sdpa attention)
-- ``fp32-peft``, ``bf16-peft``: ``fp32`` / ``bf16`` with peft's own LoRA forward (its
-  ``nn.Dropout`` and separate ops); every other mode runs ``lora_fused.install`` as
-  ``train-adapter`` does
+- ``fp32-branch``, ``bf16-branch``: ``fp32`` / ``bf16`` with one node per LoRA branch only
+  (``--lora_branch fused``); ``fp32-peft``, ``bf16-peft``: with peft's own LoRA forward (its
+  ``nn.Dropout`` and separate ops, ``--lora_branch peft``); every other mode runs
+  ``lora_fused.install`` and ``layer_fused.install`` as ``train-adapter`` does by default
 
 Prints seconds per step, per-round ratios to the first mode and the load average. A measuring
 tool, not used by training.
@@ -27,7 +28,7 @@ import os
 import tempfile
 import time
 
-MODES = ("fp32", "bf16", "fp32-full", "autocast-full", "autocast", "bf16-full", "bf16-sdpa", "fp32-peft", "bf16-peft")
+MODES = ("fp32", "bf16", "fp32-full", "autocast-full", "autocast", "bf16-full", "bf16-sdpa", "fp32-branch", "bf16-branch", "fp32-peft", "bf16-peft")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import DataCollatorForSeq2Seq
 
     from loraplex.server.basemodel import load_base_model, load_tokenizer, resolve_base
-    from loraplex.training import lora_fused
+    from loraplex.training import layer_fused, lora_fused
     from loraplex.training.config import configs_from_argv
     from loraplex.training.data import IGNORE_INDEX, PromptRenderer, SupervisedDataset, prepare_records
     from loraplex.training.trainer import lora_config_for, labelled_token_loss, resolve_target_modules, use_bf16_attention
@@ -74,11 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         if mode.startswith("bf16") and mode != "bf16-sdpa":
             use_bf16_attention(model)  # as train-adapter does for a bf16 base
         peft_model = get_peft_model(model, lora_config_for(cfg, resolve_target_modules(cfg, model)))
-        branch = "peft's LoRA forward" if mode.endswith("-peft") else lora_fused.install(peft_model)
+        if mode.endswith("-peft"):
+            branch = "peft's LoRA forward"
+        else:
+            branch = lora_fused.install(peft_model)
+            if not mode.endswith("-branch"):
+                branch = f"{layer_fused.install(peft_model)}; elsewhere {branch}"
         print(f"{mode}: {branch}")
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
-        runs[mode] = (peft_model, params, torch.optim.AdamW(params, lr=cfg.learning_rate))
+        runs[mode] = (peft_model, params, torch.optim.AdamW(params, lr=cfg.learning_rate, fused=cfg.optim == "adamw_torch_fused" or None))
 
     def step(mode: str) -> float:
         model, params, optimizer = runs[mode]

@@ -37,7 +37,9 @@ import torch
 
 from loraplex.server import native
 
-_SOURCE = r"""
+#: Philox4x32-10 (scalar and 16 blocks per AVX-512 step) and bf16/fp32 loads and stores: shared
+#: with ``layer_kernels``, whose masks must be these bits
+COMMON_SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
@@ -60,10 +62,12 @@ void philox4x32(const uint32_t ctr[4], const uint32_t key[2], uint32_t out[4]) {
     out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
 }
 
-/* the high 32 bits of 16 unsigned 32 x 32 products */
-static inline __m512i mulhi16(__m512i a, __m512i m) {
+/* the high and low 32 bits of 16 unsigned 32 x 32 products, from two 64-bit multiplies (the
+   integer multiplier is the bottleneck: a separate mullo would double its work) */
+static inline void mul16(__m512i a, __m512i m, __m512i *hi, __m512i *lo) {
     __m512i even = _mm512_mul_epu32(a, m), odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), m);
-    return _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    *hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    *lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
 }
 
 /* Philox4x32-10 on 16 blocks at once: counters (c0, c1, 0, 0), the same key */
@@ -71,8 +75,9 @@ static inline void philox16(__m512i c0, __m512i c1, uint32_t k0, uint32_t k1, __
     const __m512i m0 = _mm512_set1_epi32((int)PM0), m1 = _mm512_set1_epi32((int)PM1);
     __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
     for (int r = 0; r < 10; r++) {
-        __m512i lo0 = _mm512_mullo_epi32(c0, m0), hi0 = mulhi16(c0, m0);
-        __m512i lo1 = _mm512_mullo_epi32(c2, m1), hi1 = mulhi16(c2, m1);
+        __m512i lo0, hi0, lo1, hi1;
+        mul16(c0, m0, &hi0, &lo0);
+        mul16(c2, m1, &hi1, &lo1);
         __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)k0));
         __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)k1));
         c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
@@ -113,6 +118,9 @@ static inline void store1(void *y, int bf16, int64_t i, float v) {
     if (bf16) ((uint16_t *)y)[i] = round1(v);
     else ((float *)y)[i] = v;
 }
+"""
+
+_MASK_SOURCE = r"""
 
 /* y[i] = keep(i) ? x[i] * scale : 0 over n elements; keep(i): element i's Philox word < threshold.
    x and y are fp32 (flag 0) or bf16 (flag 1) and may be the same buffer. */
@@ -144,8 +152,8 @@ void keep_mask_apply(const void *x, int x_bf16, void *y, int y_bf16, int64_t n, 
 }
 """
 
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fPIC", "-shared", "-fno-math-errno"]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-fPIC", "-shared", "-fno-math-errno"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -158,7 +166,8 @@ def _check(lib: ctypes.CDLL) -> None:
     lib.philox4x32.restype = None
 
 
-LIBRARY = native.Library("lora_dropout", _SOURCE, _FLAGS, _CPU_FLAGS, _check, fallback="LoRA dropout masks come from torch's bernoulli_")
+_SOURCE = COMMON_SOURCE + _MASK_SOURCE
+LIBRARY = native.Library("lora_dropout", _SOURCE, FLAGS, CPU_FLAGS, _check, fallback="LoRA dropout masks come from torch's bernoulli_")
 
 #: compile the library now (no CPU check: an image build host may differ); its path
 build = LIBRARY.build

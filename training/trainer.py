@@ -260,6 +260,7 @@ def labelled_token_loss(model, batch: dict[str, Any], *, labelled_only: bool = T
     labels = batch["labels"]  # [B, T]; token t+1 is predicted at position t
     targets = labels[:, 1:]  # [B, T-1]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs.setdefault("use_cache", False)  # a training forward keeps no KV cache (and layer_fused refuses one)
     if labelled_only and _keeps_masked_logits(model):
         keep = torch.zeros_like(labels, dtype=torch.bool)  # [B, T]
         keep[:, :-1] = targets != IGNORE_INDEX
@@ -473,7 +474,7 @@ def train_one(
     from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, set_seed
     from transformers.trainer_callback import ProgressCallback
 
-    from loraplex.training import lora_fused
+    from loraplex.training import layer_fused, lora_fused
 
     started = time.monotonic()
     set_seed(cfg.seed)
@@ -499,8 +500,13 @@ def train_one(
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora_config = lora_config_for(cfg, targets)
     peft_model = get_peft_model(model, lora_config)
-    # one autograd node per LoRA branch on CPU, unless asked for peft's own forward
-    lora_branch = lora_fused.install(peft_model) if cfg.lora_branch == "fused" else "peft's LoRA forward (--lora_branch peft)"
+    # on CPU one autograd node per decoder layer (layer) or per LoRA branch (fused), unless asked for peft's own forward
+    if cfg.lora_branch == "peft":
+        lora_branch = "peft's LoRA forward (--lora_branch peft)"
+    else:
+        lora_branch = lora_fused.install(peft_model)
+        if cfg.lora_branch == "layer":
+            lora_branch = f"{layer_fused.install(peft_model)}; elsewhere {lora_branch}"
     initial_dir = None
     if cfg.init_lora_weights in _BASE_REWRITING_INITS and publish:
         # peft converts a PiSSA/OLoRA adapter back to plain LoRA on the original base from its initial state

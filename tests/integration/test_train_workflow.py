@@ -149,8 +149,9 @@ def test_trainer_receives_the_optimiser_flags(tmp_path, tiny_base, label_data, m
     assert seen == {"optim": "sgd", "weight_decay": 0.05, "max_grad_norm": 0.25, "bf16": False}
     report = json.loads((tmp_path / "adapters" / "spy" / "training_report.json").read_text())
     assert report["bf16"] is True and report["bf16_mode"] == "weights"
-    # the LoRA branches ran as training/lora_fused.py's node (the tiny base: 2 layers x 7 projections)
-    assert report["lora_branch"].startswith("fused LoRA branch on 14 layers"), report["lora_branch"]
+    # the layers ran as training/layer_fused.py's node, the branch nodes installed under them (the tiny base: 2 layers x 7 projections)
+    assert report["lora_branch"].startswith("fused decoder layer on 2 of 2 layers"), report["lora_branch"]
+    assert "elsewhere fused LoRA branch on 14 layers" in report["lora_branch"]
 
 
 def test_lora_branch_peft_keeps_peft_forward(tmp_path, tiny_base, label_data, monkeypatch):
