@@ -158,78 +158,73 @@ void lora_down(const void *x, int x_bf16, int64_t n, int64_t in, int members,
 
 static inline float load_scalar(const void *p, int bf16, int64_t i) { return load1(p, bf16, i); }
 
-#define TILE 8
 /* dx[n, j] += sum_m keep_m(n, j) scale_m sum_i dh[n, off_m + i] A_m[i, j];
    da[off_m + i, j] = sum_n dh[n, off_m + i] keep_m(n, j) scale_m x[n, j]   (da: [sum r, in] fp32)
-   Rows go in tiles of eight: each A and dA vector loaded once per tile. keep_in: lora_down's
-   keep_out of the same call (or NULL: the bits are generated again from the seeds). */
+   Shared out by columns, 16 at a time: for one column block every dA vector stays in a register
+   over all rows (no partial sums to reduce), dx is summed over the members in an fp32 column
+   buffer and rounded once. keep_in: lora_down's keep_out of the same call (or NULL: the bits are
+   generated again from the seeds first). */
 void lora_down_backward(const void *x, int x_bf16, int64_t n, int64_t in, int members,
                         const float *const *a, const int *rank, const uint64_t *seed, const uint32_t *thr, const float *scale, const int *masked,
                         const void *dh, int dh_bf16, int64_t dh_cols, void *dx, int dx_bf16, int add_dx, float *da,
                         const uint64_t *keep_in, int threads) {
-    const int64_t words = (in + 63) / 64;
-    int sum_r = 0;
-    for (int m = 0; m < members; m++) sum_r += rank[m];
-    const int64_t per = (int64_t)sum_r * in, tiles = (n + TILE - 1) / TILE;
-    const int team = threads > 1 && tiles > 1 ? threads : 1;
-    float *work = (float *)calloc((size_t)team * (size_t)per, sizeof(float));
-    if (!work) return;
-#pragma omp parallel num_threads(team)
+    const int64_t words = (in + 63) / 64, blocks = (in + 15) / 16;
+    uint64_t *made = NULL;
+    if (!keep_in) {
+        made = (uint64_t *)malloc((size_t)members * (size_t)n * (size_t)words * 8);
+        if (!made) return;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)
+        for (int m = 0; m < members; m++)
+            for (int64_t row = 0; row < n; row++)
+                row_bits((uint64_t)row * (uint64_t)in, in, masked[m], seed[m], thr[m], made + ((int64_t)m * n + row) * words);
+        keep_in = made;
+    }
+    float *g = (float *)malloc((size_t)n * (size_t)dh_cols * sizeof(float));  /* dh as fp32 */
+    if (!g) { free(made); return; }
+    for (int64_t e = 0; e < n * dh_cols; e++) g[e] = load_scalar(dh, dh_bf16, e);
+#pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
-        float *mine = work + (int64_t)omp_get_thread_num() * per;
-        uint64_t bits[MAXM][TILE][MAXW];
-        float g[TILE][MAXR * MAXM];
+        float *col = (float *)malloc((size_t)n * 16 * sizeof(float));  /* this block's dx, fp32 */
 #pragma omp for schedule(static)
-        for (int64_t tile = 0; tile < tiles; tile++) {
-            const int64_t r0 = tile * TILE;
-            const int rows = n - r0 < TILE ? (int)(n - r0) : TILE;
-            for (int k = 0; k < TILE; k++) {
-                for (int c = 0; c < sum_r; c++) g[k][c] = k < rows ? load_scalar(dh, dh_bf16, (r0 + k) * dh_cols + c) : 0.0f;
-                for (int m = 0; m < members; m++) {
-                    if (k >= rows) for (int64_t w = 0; w < words; w++) bits[m][k][w] = 0;
-                    else if (keep_in) memcpy(bits[m][k], keep_in + ((int64_t)m * n + r0 + k) * words, (size_t)words * 8);
-                    else row_bits((uint64_t)(r0 + k) * (uint64_t)in, in, masked[m], seed[m], thr[m], bits[m][k]);
-                }
-            }
-            const int64_t last = (r0 + rows - 1) * in;  /* rows past n read the last row (their g is 0, their mask empty) */
-            for (int64_t j = 0; j < in; j += 16) {
-                const __mmask16 t = tail16(j, in);
-                __m512 xr[TILE], total[TILE];
-                for (int k = 0; k < TILE; k++) {
-                    const int64_t at = k < rows ? (r0 + k) * in + j : last + j;
-                    xr[k] = loadm(x, x_bf16, at, t);
-                    total[k] = add_dx && k < rows ? loadm(dx, dx_bf16, at, t) : _mm512_setzero_ps();
-                }
-                int c = 0;
-                for (int m = 0; m < members; m++) {
-                    __m512 xm[TILE], s[TILE];
-                    for (int k = 0; k < TILE; k++) { xm[k] = keep16(xr[k], bits[m][k], j, scale[m]); s[k] = _mm512_setzero_ps(); }
-                    for (int i = 0; i < rank[m]; i++, c++) {
-                        const __m512 av = _mm512_maskz_loadu_ps(t, a[m] + (int64_t)i * in + j);
-                        float *d = mine + (int64_t)c * in + j;
-                        __m512 part[TILE / 2];
-                        for (int k = 0; k < TILE; k++) {
-                            const __m512 gk = _mm512_set1_ps(g[k][c]);
-                            s[k] = _mm512_fmadd_ps(gk, av, s[k]);
-                            part[k / 2] = k % 2 ? _mm512_fmadd_ps(gk, xm[k], part[k / 2]) : _mm512_mul_ps(gk, xm[k]);
-                        }
-                        __m512 acc = _mm512_maskz_loadu_ps(t, d);
-                        for (int k = 0; k < TILE / 2; k++) acc = _mm512_add_ps(acc, part[k]);
-                        _mm512_mask_storeu_ps(d, t, acc);
+        for (int64_t jb = 0; jb < blocks; jb++) {
+            const int64_t j = jb * 16;
+            const __mmask16 t = tail16(j, in);
+            for (int64_t row = 0; row < n; row++)
+                _mm512_storeu_ps(col + row * 16, add_dx ? loadm(dx, dx_bf16, row * in + j, t) : _mm512_setzero_ps());
+            int c0 = 0;
+            for (int m = 0; m < members; m++) {
+                const uint64_t *bits = keep_in + (int64_t)m * n * words;
+                for (int i0 = 0; i0 < rank[m]; i0 += 8, c0 += 8) {
+                    const int nr = rank[m] - i0 < 8 ? rank[m] - i0 : 8;
+                    __m512 av[8], acc[8];
+                    for (int i = 0; i < 8; i++) {
+                        av[i] = i < nr ? _mm512_maskz_loadu_ps(t, a[m] + (int64_t)(i0 + i) * in + j) : _mm512_setzero_ps();
+                        acc[i] = _mm512_setzero_ps();
                     }
-                    for (int k = 0; k < TILE; k++) total[k] = _mm512_add_ps(total[k], keep16(s[k], bits[m][k], j, scale[m]));
+                    for (int64_t row = 0; row < n; row++) {
+                        const float *gr = g + row * dh_cols + c0;
+                        const __m512 xm = keep16(loadm(x, x_bf16, row * in + j, t), bits + row * words, j, scale[m]);
+                        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+                        for (int i = 0; i < 8; i += 2) {
+                            const __m512 g0 = _mm512_set1_ps(i < nr ? gr[i] : 0.0f), g1 = _mm512_set1_ps(i + 1 < nr ? gr[i + 1] : 0.0f);
+                            s0 = _mm512_fmadd_ps(g0, av[i], s0);
+                            s1 = _mm512_fmadd_ps(g1, av[i + 1], s1);
+                            acc[i] = _mm512_fmadd_ps(g0, xm, acc[i]);
+                            acc[i + 1] = _mm512_fmadd_ps(g1, xm, acc[i + 1]);
+                        }
+                        float *cr = col + row * 16;
+                        _mm512_storeu_ps(cr, _mm512_add_ps(_mm512_loadu_ps(cr), keep16(_mm512_add_ps(s0, s1), bits + row * words, j, scale[m])));
+                    }
+                    for (int i = 0; i < nr; i++) _mm512_mask_storeu_ps(da + (int64_t)(c0 + i) * in + j, t, acc[i]);
                 }
-                for (int k = 0; k < rows; k++) storem(dx, dx_bf16, (r0 + k) * in + j, total[k], t);
+                c0 += rank[m] - ((rank[m] + 7) / 8) * 8;  /* back to the member's true width */
             }
+            for (int64_t row = 0; row < n; row++) storem(dx, dx_bf16, row * in + j, _mm512_loadu_ps(col + row * 16), t);
         }
+        free(col);
     }
-#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
-    for (int64_t e = 0; e < per; e++) {
-        float sum = 0.0f;
-        for (int th = 0; th < team; th++) sum += work[(int64_t)th * per + e];
-        da[e] = sum;
-    }
-    free(work);
+    free(g);
+    free(made);
 }
 
 /* a vectorised exp (Cephes-style: 2^k e^r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp); 0 below
