@@ -407,6 +407,8 @@ class FusedDecoderLayer(torch.nn.Module):
             if module is base:
                 loras.append(None)
                 continue
+            if not isinstance(module, FusedLoraLinear):
+                return None  # peft's own LoRA layer (--lora_branch peft): its forward, not the node
             name = module._fused_adapter(x, {})
             if name is None:
                 return None
@@ -453,7 +455,7 @@ def install(model: torch.nn.Module) -> str:
     returns what was done, in words (recorded in the training report)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    layers = [m for m in model.modules() if type(m) is LlamaDecoderLayer]
+    layers = [m for m in model.modules() if type(m) is LlamaDecoderLayer or isinstance(m, FusedDecoderLayer)]
     why = {}
     swapped = 0
     for layer in layers:
@@ -461,8 +463,9 @@ def install(model: torch.nn.Module) -> str:
         if reason:
             why[reason] = why.get(reason, 0) + 1
             continue
-        layer.__class__ = _FUSED_CLASSES.setdefault(type(layer), type(f"Fused{type(layer).__name__}", (FusedDecoderLayer, type(layer)), {}))
-        layer._fused_weights = {}
+        if not isinstance(layer, FusedDecoderLayer):  # swapped already on an earlier adapter of a --config run
+            layer.__class__ = _FUSED_CLASSES.setdefault(type(layer), type(f"Fused{type(layer).__name__}", (FusedDecoderLayer, type(layer)), {}))
+            layer._fused_weights = {}
         swapped += 1
     if not layers:
         return "each layer's own forward (no Llama decoder layers)"
@@ -471,6 +474,18 @@ def install(model: torch.nn.Module) -> str:
     if why:
         text += " (others: " + "; ".join(f"{n} x {r}" for r, n in why.items()) + ")"
     return text
+
+
+def uninstall(model: torch.nn.Module) -> int:
+    """Give every fused layer of ``model`` its own class back (a later adapter of a ``--config``
+    run that asks for another ``--lora_branch``); the joined weights stay, as views. Returns how
+    many layers were restored."""
+    restored = 0
+    for layer in model.modules():
+        if isinstance(layer, FusedDecoderLayer):
+            layer.__class__ = next(c for c in type(layer).__mro__[1:] if not issubclass(c, FusedDecoderLayer))
+            restored += 1
+    return restored
 
 
 _FUSED_CLASSES: dict[type, type] = {}

@@ -605,3 +605,7 @@ def softmax_backward(d_p: torch.Tensor, probs: torch.Tensor, scale: float) -> to
     out = torch.empty(d_p.shape, dtype=d_p.dtype)
     LIBRARY.loaded().softmax_backward(d_p.data_ptr(), probs.data_ptr(), scale, out.data_ptr(), _DTYPES[d_p.dtype], d_p.numel() // t, t, torch.get_num_threads())
     return out
+
+
+if __name__ == "__main__":  # `python -m loraplex.training.layer_kernels`: build now (the CPU image does)
+    print(build())

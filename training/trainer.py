@@ -501,6 +501,8 @@ def train_one(
     lora_config = lora_config_for(cfg, targets)
     peft_model = get_peft_model(model, lora_config)
     # on CPU one autograd node per decoder layer (layer) or per LoRA branch (fused), unless asked for peft's own forward
+    if cfg.lora_branch != "layer":
+        layer_fused.uninstall(peft_model)  # swapped by an earlier adapter of this --config run
     if cfg.lora_branch == "peft":
         lora_branch = "peft's LoRA forward (--lora_branch peft)"
     else:

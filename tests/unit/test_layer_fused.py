@@ -172,6 +172,23 @@ def test_install_skips_layouts_it_cannot_run_and_says_why():
     assert torch.isfinite(loss) and grads
 
 
+def test_installing_again_counts_fused_layers_and_uninstall_gives_the_class_back(monkeypatch):
+    """A --config run trains several adapters on one base: the second install finds the layers
+    fused already; an adapter asking for another --lora_branch gets the layers' own forward."""
+    model = _model()
+    assert layer_fused.install(model).startswith("fused decoder layer on 2 of 2 layers")
+    assert layer_fused.uninstall(model) == 2
+    assert type(model.base_model.model.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    assert _uses_node(model, _batch(), monkeypatch) == 0
+
+
+def test_peft_own_lora_layers_take_the_layers_own_forward(monkeypatch):
+    model = _model(branch=False)  # --lora_branch peft on layers an earlier adapter fused
+    assert _uses_node(model, _batch(), monkeypatch) == 0
+    model.zero_grad()
+    _close(_grads(model, _batch()), _grads(_model(layer=False, branch=False), _batch()), 1e-6)
+
+
 def test_joined_weights_are_views_and_merging_still_works():
     model = _model()
     before = {k: v.clone() for k, v in model.base_model.model.state_dict().items() if "lora" not in k}
