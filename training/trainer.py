@@ -295,6 +295,17 @@ def _labelled_loss_trainer_class():
                 loss = total / max(1, count)
             return (loss, output) if return_outputs else loss
 
+        def floating_point_ops(self, inputs):
+            """The Trainer's estimate (6 x input tokens x non-embedding parameters) with the
+            parameters counted once: transformers counts them again every step (4.4 ms of a 0.45 s
+            bf16 step on the embedded base)."""
+            ids = inputs.get(getattr(self.model, "main_input_name", "input_ids"))
+            if ids is None or not hasattr(self.model, "num_parameters"):
+                return 0
+            if getattr(self, "_flops_parameters", None) is None:
+                self._flops_parameters = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * ids.numel() * self._flops_parameters
+
     return LabelledLossTrainer
 
 

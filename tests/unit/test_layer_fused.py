@@ -3,7 +3,8 @@
 Independent references: peft's own LoRA forward over transformers' Llama layer (autograd of the
 library's ops; with dropout 0 it must give the same loss and gradients), and the per-branch node
 (training/lora_fused.py, itself checked against peft) for runs with dropout, whose masks the layer
-must draw identically. The kernels are checked against torch ops and torch autograd.
+must draw identically. The kernels are checked against torch ops and torch autograd. (Also the
+Trainer subclass's per-step flops estimate, which the fused layer made worth counting once.)
 """
 
 from __future__ import annotations
@@ -297,3 +298,24 @@ def test_rope_and_softmax_kernels_match_torch(dtype, tol):
     torch.softmax(ref + mask.float().unsqueeze(2), -1).backward(d_p.float().view(probs.shape))
     d_s = layer_kernels.softmax_backward(d_p, probs, 0.25)
     assert _rel(d_s.float().view(probs.shape), ref.grad * 0.25) <= tol
+
+
+def test_the_trainer_counts_parameters_once_for_its_flops_estimate():
+    """transformers' Trainer.floating_point_ops recounts every parameter each step; ours gives the
+    same number from a count taken once."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    from loraplex.training.trainer import _labelled_loss_trainer_class
+
+    model = _model(layer=False, branch=False)
+    ours, theirs = SimpleNamespace(model=model), SimpleNamespace(model=model)
+    calls = []
+    real = model.num_parameters
+    model.num_parameters = lambda **kw: calls.append(kw) or real(**kw)
+    cls = _labelled_loss_trainer_class()
+    for rows in (2, 3, 5):
+        inputs = {"input_ids": torch.zeros(rows, 7, dtype=torch.long)}
+        assert cls.floating_point_ops(ours, inputs) == Trainer.floating_point_ops(theirs, inputs) > 0
+    assert len(calls) == 1 + 3  # ours once, transformers' on every call
