@@ -1,7 +1,7 @@
 """One autograd node per decoder layer while training LoRA on CPU (Llama-family layers).
 
 Why it exists: with the LoRA branches fused (``lora_fused``), a training step on the embedded
-base still ran some 250 torch ops and as many autograd nodes per decoder layer: transformers'
+base still ran over a hundred torch ops and autograd nodes per decoder layer: transformers'
 RMSNorm (casts, square, mean, rsqrt, two multiplies), rotary (slices, negate, concatenate, four
 multiplies and adds for q and k), eager attention (``repeat_kv`` copies, scale, mask add, fp32
 softmax, cast), SiLU and the gate multiply, the residual adds, and a grad accumulation wherever
@@ -26,15 +26,19 @@ seed the two paths drop the same elements. The branches of one input share one a
 block-diagonal ``s B``. The frozen weights of q/k/v and of gate/up are copied once into one
 matrix each, and the modules' weights become views of it (no second copy; state dicts unchanged).
 Products run in the input's dtype (bf16 on a bf16 base; fp32 otherwise), the norm statistics and
-softmax in fp32 as transformers does, and A/B gradients are returned in fp32.
+softmax in fp32 as transformers does, and A/B gradients are returned in fp32. The passes between
+the matmuls (the LoRA down-projections with their masks, RMSNorm, rotary, softmax, SiLU-gate,
+forward and backward) are ``layer_kernels``' C kernels where they can be built, and the same
+steps as torch ops otherwise.
 
 ``install`` swaps the class of each ``LlamaDecoderLayer`` whose layout it can run (no biases, SiLU,
-plain LoRA or none on each projection, frozen base and norms, no sliding window); its forward takes
-the node in training mode on CPU without a cache and with ``lora_fused``'s conditions on every
-LoRA, and the layer's own forward otherwise (eval, generation, gradient through the base).
+``lora_fused``'s LoRA layer or none on each projection); its forward takes the node in training
+mode on CPU without a cache, with frozen base weights and norms and ``lora_fused``'s conditions on
+every LoRA, and the layer's own forward otherwise (eval, generation, gradient through the base,
+peft's own LoRA layers). ``uninstall`` gives the layers their class back.
 
 Owns the layer's forward/backward and the swap. Knows nothing of data, the Trainer or
-publishing; the LoRA conditions are ``lora_fused``'s, the mask kernel ``lora_dropout``'s.
+publishing; the LoRA conditions are ``lora_fused``'s, the mask bits ``lora_dropout``'s.
 """
 
 from __future__ import annotations

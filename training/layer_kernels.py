@@ -4,7 +4,8 @@ Why they exist: once a decoder layer is one autograd node, what is left besides 
 matmuls is passes over [tokens, features] tensors, each a torch call with its own allocation:
 per LoRA branch the dropout mask (a masked copy of the input, kept for the backward), two or
 three skinny matmuls against A, and an add of the branch's input gradient onto the base's; SiLU,
-the gate multiply and their backward; RMSNorm's casts and reductions. They cost as much in bf16
+the gate multiply and their backward; RMSNorm's casts and reductions; rotary's slices and
+concatenations; the softmax's scale, mask add, casts and backward. They cost as much in bf16
 as in fp32, so they set how close bf16's step comes to its matmuls' 3x (docs/training.md).
 
 Kernels, each one pass over its rows, shared out over torch's OpenMP team:
@@ -21,6 +22,11 @@ Kernels, each one pass over its rows, shared out over torch's OpenMP team:
 - ``rms_norm`` / ``rms_norm_backward``: ``h = w * x / rms(x)`` (statistics in fp32, as transformers)
   with ``rstd`` kept, and ``dx = rstd (w dh - xhat mean(w dh xhat)) + add`` with an optional
   residual gradient added in the same pass.
+- ``rope_move``: the joined q/k/v output split into heads with q and k rotated, and, backwards,
+  the rotated-back gradients joined again.
+- ``softmax_forward`` / ``softmax_backward``: ``softmax(scores * scale + mask)`` in fp32 per row
+  (written in fp32 for the backward and in the compute dtype for ``p v``; exp gives exact 0 where
+  it would be subnormal), and ``p (dp - sum(dp p)) scale``.
 
 bf16 or fp32 in and out (bf16 rounded to nearest even); fp32 arithmetic inside. Built and
 loaded by ``loraplex.server.native`` like ``lora_dropout``; unavailable (no compiler, no AVX-512,
@@ -325,56 +331,33 @@ void rms_norm_backward(const void *dh, const void *x, const void *w, const float
         }
     }
 }
-/* q [B, H, T, D], k / v [B, KV, T, D] from qkv [B T, (H + 2 KV) D]: q and k rotated
-   (t cos + rotate_half(t) sin, cos/sin [Bc, T, D] with Bc = B or 1), v copied */
-void rope_split(const void *qkv, const void *cos, const void *sin, int64_t bc, void *q, void *k, void *v, int bf16,
-                int64_t b, int64_t t, int64_t h, int64_t kv, int64_t d, int threads) {
+/* Forward (backward = 0): q [B, H, T, D], k / v [B, KV, T, D] from the joined qkv [B T, (H + 2 KV) D],
+   q and k rotated (t cos + rotate_half(t) sin; cos / sin [Bc, T, D] with Bc = B or 1), v copied.
+   Backward (1): the transpose, the joined gradient from dq, dk, dv. */
+void rope_move(void *joined, void *q, void *k, void *v, const void *cos, const void *sin, int64_t bc, int bf16,
+               int64_t b, int64_t t, int64_t h, int64_t kv, int64_t d, int backward, int threads) {
     const int64_t heads = h + 2 * kv, half = d / 2;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)
     for (int64_t bi = 0; bi < b; bi++)
         for (int64_t ti = 0; ti < t; ti++) {
-            const int64_t src = (bi * t + ti) * heads * d, cs = ((bc == 1 ? 0 : bi) * t + ti) * d;
+            const int64_t row = (bi * t + ti) * heads * d, cs = ((bc == 1 ? 0 : bi) * t + ti) * d;
             for (int64_t hi = 0; hi < heads; hi++) {
-                const int64_t in = src + hi * d;
-                void *out; int64_t at;
-                if (hi < h) { out = q; at = ((bi * h + hi) * t + ti) * d; }
-                else if (hi < h + kv) { out = k; at = ((bi * kv + hi - h) * t + ti) * d; }
-                else { out = v; at = ((bi * kv + hi - h - kv) * t + ti) * d; }
+                void *part; int64_t at;
+                if (hi < h) { part = q; at = ((bi * h + hi) * t + ti) * d; }
+                else if (hi < h + kv) { part = k; at = ((bi * kv + hi - h) * t + ti) * d; }
+                else { part = v; at = ((bi * kv + hi - h - kv) * t + ti) * d; }
+                const void *src = backward ? part : joined;
+                void *dst = backward ? joined : part;
+                const int64_t from = backward ? at : row + hi * d, to = backward ? row + hi * d : at;
                 for (int64_t j = 0; j < half; j += 16) {
                     const __mmask16 m = tail16(j, half);
-                    const __m512 x1 = loadm(qkv, bf16, in + j, m), x2 = loadm(qkv, bf16, in + half + j, m);
-                    if (hi >= h + kv) { storem(out, bf16, at + j, x1, m); storem(out, bf16, at + half + j, x2, m); continue; }
+                    const __m512 x1 = loadm(src, bf16, from + j, m), x2 = loadm(src, bf16, from + half + j, m);
+                    if (hi >= h + kv) { storem(dst, bf16, to + j, x1, m); storem(dst, bf16, to + half + j, x2, m); continue; }
                     const __m512 c1 = loadm(cos, bf16, cs + j, m), c2 = loadm(cos, bf16, cs + half + j, m);
                     const __m512 s1 = loadm(sin, bf16, cs + j, m), s2 = loadm(sin, bf16, cs + half + j, m);
-                    storem(out, bf16, at + j, _mm512_fnmadd_ps(x2, s1, _mm512_mul_ps(x1, c1)), m);
-                    storem(out, bf16, at + half + j, _mm512_fmadd_ps(x1, s2, _mm512_mul_ps(x2, c2)), m);
-                }
-            }
-        }
-}
-
-/* the transpose of rope_split: d_qkv [B T, (H + 2 KV) D] from dq [B, H, T, D], dk / dv [B, KV, T, D] */
-void rope_join_backward(const void *dq, const void *dk, const void *dv, const void *cos, const void *sin, int64_t bc, void *dqkv, int bf16,
-                        int64_t b, int64_t t, int64_t h, int64_t kv, int64_t d, int threads) {
-    const int64_t heads = h + 2 * kv, half = d / 2;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t bi = 0; bi < b; bi++)
-        for (int64_t ti = 0; ti < t; ti++) {
-            const int64_t dst = (bi * t + ti) * heads * d, cs = ((bc == 1 ? 0 : bi) * t + ti) * d;
-            for (int64_t hi = 0; hi < heads; hi++) {
-                const int64_t out = dst + hi * d;
-                const void *g; int64_t at;
-                if (hi < h) { g = dq; at = ((bi * h + hi) * t + ti) * d; }
-                else if (hi < h + kv) { g = dk; at = ((bi * kv + hi - h) * t + ti) * d; }
-                else { g = dv; at = ((bi * kv + hi - h - kv) * t + ti) * d; }
-                for (int64_t j = 0; j < half; j += 16) {
-                    const __mmask16 m = tail16(j, half);
-                    const __m512 g1 = loadm(g, bf16, at + j, m), g2 = loadm(g, bf16, at + half + j, m);
-                    if (hi >= h + kv) { storem(dqkv, bf16, out + j, g1, m); storem(dqkv, bf16, out + half + j, g2, m); continue; }
-                    const __m512 c1 = loadm(cos, bf16, cs + j, m), c2 = loadm(cos, bf16, cs + half + j, m);
-                    const __m512 s1 = loadm(sin, bf16, cs + j, m), s2 = loadm(sin, bf16, cs + half + j, m);
-                    storem(dqkv, bf16, out + j, _mm512_fmadd_ps(g2, s2, _mm512_mul_ps(g1, c1)), m);
-                    storem(dqkv, bf16, out + half + j, _mm512_fnmadd_ps(g1, s1, _mm512_mul_ps(g2, c2)), m);
+                    const __m512 m1 = _mm512_mul_ps(x1, c1), m2 = _mm512_mul_ps(x2, c2);
+                    storem(dst, bf16, to + j, backward ? _mm512_fmadd_ps(x2, s2, m1) : _mm512_fnmadd_ps(x2, s1, m1), m);
+                    storem(dst, bf16, to + half + j, backward ? _mm512_fnmadd_ps(x1, s1, m2) : _mm512_fmadd_ps(x1, s2, m2), m);
                 }
             }
         }
@@ -447,12 +430,11 @@ def _check(lib: ctypes.CDLL) -> None:
     lib.silu_mul_backward.argtypes = [ptr, ptr, ptr, i32, i64, i64, i32]
     lib.rms_norm.argtypes = [ptr, ptr, ptr, ptr, i32, i64, i64, f32, i32]
     lib.rms_norm_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i32, ptr, i32, i32, i64, i64, i32]
-    lib.rope_split.argtypes = [ptr, ptr, ptr, i64, ptr, ptr, ptr, i32, i64, i64, i64, i64, i64, i32]
-    lib.rope_join_backward.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i32, i64, i64, i64, i64, i64, i32]
+    lib.rope_move.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64, i64, i32, i32]
     lib.softmax_forward.argtypes = [ptr, ptr, i64, f32, ptr, ptr, i32, i64, i64, i64, i32]
     lib.softmax_backward.argtypes = [ptr, ptr, f32, ptr, i32, i64, i64, i32]
     for fn in (lib.lora_down, lib.lora_down_backward, lib.silu_mul, lib.silu_mul_backward, lib.rms_norm, lib.rms_norm_backward,
-               lib.rope_split, lib.rope_join_backward, lib.softmax_forward, lib.softmax_backward):
+               lib.rope_move, lib.softmax_forward, lib.softmax_backward):
         fn.restype = None
 
 
@@ -568,10 +550,11 @@ def rope_split(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, b: int, 
     """qkv [B T, (H + 2 KV) D] -> (q [B, H, T, D] and k [B, KV, T, D] rotated, v [B, KV, T, D]);
     cos / sin [B or 1, T, D] of qkv's dtype."""
     dt = qkv.dtype
+    qkv = qkv.contiguous()
     q, k, v = torch.empty(b, h, t, d, dtype=dt), torch.empty(b, kv, t, d, dtype=dt), torch.empty(b, kv, t, d, dtype=dt)
     cos, sin = cos.contiguous(), sin.contiguous()
-    LIBRARY.loaded().rope_split(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                _DTYPES[dt], b, t, h, kv, d, torch.get_num_threads())
+    LIBRARY.loaded().rope_move(qkv.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                               cos.shape[0], _DTYPES[dt], b, t, h, kv, d, 0, torch.get_num_threads())
     return q, k, v
 
 
@@ -581,8 +564,8 @@ def rope_join_backward(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, cos
     kv = dk.shape[1]
     dq, dk, dv, cos, sin = dq.contiguous(), dk.contiguous(), dv.contiguous(), cos.contiguous(), sin.contiguous()
     out = torch.empty(b * t, (h + 2 * kv) * d, dtype=dq.dtype)
-    LIBRARY.loaded().rope_join_backward(dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), cos.data_ptr(), sin.data_ptr(), cos.shape[0], out.data_ptr(),
-                                        _DTYPES[dq.dtype], b, t, h, kv, d, torch.get_num_threads())
+    LIBRARY.loaded().rope_move(out.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                               cos.shape[0], _DTYPES[dq.dtype], b, t, h, kv, d, 1, torch.get_num_threads())
     return out
 
 
