@@ -49,6 +49,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from loraplex.training import layer_kernels, lora_dropout
 from loraplex.training.lora_fused import FusedLoraLinear
@@ -231,7 +232,7 @@ def _additive_mask(mask: torch.Tensor | None, b: int, t: int, dtype: torch.dtype
     return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
-def _attention_forward(qkv: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: "_Plan", b: int, t: int) -> tuple[torch.Tensor, tuple]:
+def _attention_forward(qkv: torch.Tensor, mask: torch.Tensor, dead: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, plan: "_Plan", b: int, t: int) -> tuple[torch.Tensor, tuple]:
     # qkv [B T, (H + 2 KV) D]; mask additive [B|1, 1, T, T]; cos/sin [B|1, T, D] -> (attn [B T, H D], saved)
     nh, kv, hd = plan.heads, plan.kv_heads, plan.head_dim
     grp = nh // kv
@@ -252,6 +253,11 @@ def _attention_forward(qkv: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
         scores.mul_(plan.scale).add_(mask.unsqueeze(2))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)             # fp32, as eager
         p_c = probs.to(qkv.dtype)
+    if dead is not None:  # rows with no key: zero attention (sdpa's answer), and zero gradient through them
+        rows = dead.view(dead.shape[0], 1, 1, t, 1)
+        probs.masked_fill_(rows, 0.0)
+        if p_c is not probs:
+            p_c.masked_fill_(rows, 0.0)
     p_c = p_c.view(b * kv, grp * t, t)
     attn = torch.bmm(p_c, v3)                                                  # [B KV, G T, D]
     attn = attn.view(b, nh, t, hd).transpose(1, 2).reshape(b * t, nh * hd)
@@ -286,21 +292,44 @@ def _attention_backward(d_attn: torch.Tensor, saved: tuple, plan: "_Plan", b: in
     return d_qkv.view(b * t, -1)
 
 
+class _Slot:
+    """Where a saved tensor goes back into the saved structure."""
+
+
+def _pack(obj: Any, tensors: list[torch.Tensor]) -> Any:
+    # nested tuples/lists of tensors and other values -> the same shape with tensors as _Slot
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_pack(o, tensors) for o in obj)
+    return obj
+
+
+def _unpack(layout: Any, tensors: Any) -> Any:
+    if layout is _Slot:
+        return next(tensors)
+    if isinstance(layout, (tuple, list)):
+        return type(layout)(_unpack(o, tensors) for o in layout)
+    return layout
+
+
 class LayerNode(torch.autograd.Function):
     """A Llama decoder layer, forward and backward, as one node (see the module docstring)."""
 
     @staticmethod
-    def forward(ctx, plan: _Plan, x: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *lora_weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        # x [B, T, C] compute dtype; mask additive [B|1, 1, T, T]; cos/sin [B|1, T, D]
+    def forward(ctx, plan: _Plan, x: torch.Tensor, mask: torch.Tensor, dead: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor, *lora_weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # x [B, T, C] compute dtype; mask additive [B|1, 1, T, T]; dead [B|1, 1, T] bool: query rows
+        # that attend to nothing (sdpa's masks give them zero output) or None; cos/sin [B|1, T, D]
         bsz, t, c = x.shape
         n = bsz * t
         qkv_g, o_g, gu_g, d_g = plan.groups
         for group in plan.groups:
             group.draw()
-        xs = x.reshape(n, c)
+        xs = x.reshape(n, c).contiguous()
         h1, rstd1 = _rms_forward(xs, plan.ln1, plan.eps1)                          # [N, C]
         qkv, s_qkv = qkv_g.forward(h1, None)                                       # [N, (H + 2 KV) D]
-        attn, s_attn = _attention_forward(qkv, mask, cos, sin, plan, bsz, t)      # [N, H D]
+        attn, s_attn = _attention_forward(qkv, mask, dead, cos, sin, plan, bsz, t)  # [N, H D]
         x2, s_o = o_g.forward(attn, xs)                                            # [N, C]
         h2, rstd2 = _rms_forward(x2, plan.ln2, plan.eps2)
         gu, s_gu = gu_g.forward(h2, None)                                          # [N, 2 I]
@@ -308,15 +337,18 @@ class LayerNode(torch.autograd.Function):
         act = layer_kernels.silu_mul(gu) if layer_kernels.available() else F.silu(gu[:, :inter]).mul_(gu[:, inter:])  # [N, I]
         y, s_d = d_g.forward(act, x2)                                              # [N, C]
         ctx.plan = plan
-        ctx.saved = (xs, rstd1, h1, s_qkv, s_attn, s_o, x2, rstd2, h2, s_gu, gu, act, s_d)
+        # tensors through save_for_backward (so non-reentrant checkpointing can drop and recompute
+        # them), the rest of the nested structure beside them
+        tensors: list[torch.Tensor] = []
+        ctx.layout = _pack((xs, rstd1, h1, s_qkv, s_attn, s_o, x2, rstd2, h2, s_gu, gu, act, s_d), tensors)
+        ctx.save_for_backward(*tensors)
         return y.view(bsz, t, c)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy: torch.Tensor):  # type: ignore[override]
         plan: _Plan = ctx.plan
-        (xs, rstd1, h1, s_qkv, s_attn, s_o, x2, rstd2, h2, s_gu, gu, act, s_d) = ctx.saved
-        del ctx.saved
+        (xs, rstd1, h1, s_qkv, s_attn, s_o, x2, rstd2, h2, s_gu, gu, act, s_d) = _unpack(ctx.layout, iter(ctx.saved_tensors))
         qkv_g, o_g, gu_g, d_g = plan.groups
         bsz, t, c = dy.shape
         n, dt = bsz * t, xs.dtype
@@ -337,7 +369,7 @@ class LayerNode(torch.autograd.Function):
         for grads in (g_qkv, g_o, g_gu, g_d):
             for d_a, d_b in grads:
                 lora_grads += [d_a, d_b]
-        return (None, dx, None, None, None, *lora_grads)
+        return (None, dx, None, None, None, None, *lora_grads)
 
 
 # ---------------------------------------------------------------- the layer swap
@@ -384,20 +416,27 @@ class FusedDecoderLayer(torch.nn.Module):
         cos, sin = kwargs["position_embeddings"]
         bsz, t, _ = hidden_states.shape
         dt = hidden_states.dtype
-        mask = _additive_mask(kwargs.get("attention_mask"), bsz, t, dt)
+        given = kwargs.get("attention_mask")
+        mask = _additive_mask(given, bsz, t, dt)
+        dead = None
+        if given is not None and given.dtype == torch.bool:
+            dead = ~given.any(-1)  # [B|1, 1, T]
+            dead = dead if bool(dead.any()) else None
         loras = [w for group in plan.groups for lora in group.loras if lora is not None for w in (lora.a, lora.b)]
-        return LayerNode.apply(plan, hidden_states, mask, cos.to(dt), sin.to(dt), *loras)
+        return LayerNode.apply(plan, hidden_states, mask, dead, cos.to(dt), sin.to(dt), *loras)
 
     def _plan(self, x: torch.Tensor, kwargs: dict) -> _Plan | None:
         """What one node call needs, or None where the layer's own forward must run."""
         if not self.training or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 3:
             return None
+        if torch.is_autocast_enabled("cpu"):
+            return None  # autocast over an fp32 base: the node computes in its input's dtype only
         if kwargs.get("cache", kwargs.get("past_key_values")) is not None or kwargs.get("position_embeddings") is None:
             return None
         mask = kwargs.get("attention_mask")
         t = x.shape[1]
-        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[-2:] != (t, t)):
-            return None  # a flex BlockMask, or keys beyond this call's tokens
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[-2:] != (t, t)):
+            return None  # a flex BlockMask, a mask per head, or keys beyond this call's tokens
         attn, mlp = self.self_attn, self.mlp
         norms = (self.input_layernorm, self.post_attention_layernorm)
         if any(p.requires_grad for m in norms for p in m.parameters()):
@@ -457,9 +496,9 @@ class FusedDecoderLayer(torch.nn.Module):
 def install(model: torch.nn.Module) -> str:
     """Swap every Llama decoder layer of ``model`` whose layout the node runs for a fused one;
     returns what was done, in words (recorded in the training report)."""
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     layers = [m for m in model.modules() if type(m) is LlamaDecoderLayer or isinstance(m, FusedDecoderLayer)]
+    if any(p.device.type != "cpu" for layer in layers for p in layer.parameters()):
+        return "each layer's own forward (not on CPU)"
     why = {}
     swapped = 0
     for layer in layers:
@@ -468,7 +507,7 @@ def install(model: torch.nn.Module) -> str:
             why[reason] = why.get(reason, 0) + 1
             continue
         if not isinstance(layer, FusedDecoderLayer):  # swapped already on an earlier adapter of a --config run
-            layer.__class__ = _FUSED_CLASSES.setdefault(type(layer), type(f"Fused{type(layer).__name__}", (FusedDecoderLayer, type(layer)), {}))
+            layer.__class__ = FusedLlamaDecoderLayer
             layer._fused_weights = {}
         swapped += 1
     if not layers:
@@ -492,4 +531,6 @@ def uninstall(model: torch.nn.Module) -> int:
     return restored
 
 
-_FUSED_CLASSES: dict[type, type] = {}
+class FusedLlamaDecoderLayer(FusedDecoderLayer, LlamaDecoderLayer):
+    """transformers' Llama decoder layer with the node's forward (a module-level class, so that a
+    model holding it pickles)."""

@@ -169,8 +169,8 @@ static inline float load_scalar(const void *p, int bf16, int64_t i) { return loa
    Shared out by columns, 16 at a time: for one column block every dA vector stays in a register
    over all rows (no partial sums to reduce), dx is summed over the members in an fp32 column
    buffer and rounded once. keep_in: lora_down's keep_out of the same call (or NULL: the bits are
-   generated again from the seeds first). */
-void lora_down_backward(const void *x, int x_bf16, int64_t n, int64_t in, int members,
+   generated again from the seeds first). Returns 0, or -1 when its buffers could not be allocated. */
+int lora_down_backward(const void *x, int x_bf16, int64_t n, int64_t in, int members,
                         const float *const *a, const int *rank, const uint64_t *seed, const uint32_t *thr, const float *scale, const int *masked,
                         const void *dh, int dh_bf16, int64_t dh_cols, void *dx, int dx_bf16, int add_dx, float *da,
                         const uint64_t *keep_in, int threads) {
@@ -178,7 +178,7 @@ void lora_down_backward(const void *x, int x_bf16, int64_t n, int64_t in, int me
     uint64_t *made = NULL;
     if (!keep_in) {
         made = (uint64_t *)malloc((size_t)members * (size_t)n * (size_t)words * 8);
-        if (!made) return;
+        if (!made) return -1;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads) if (threads > 1)
         for (int m = 0; m < members; m++)
             for (int64_t row = 0; row < n; row++)
@@ -186,13 +186,19 @@ void lora_down_backward(const void *x, int x_bf16, int64_t n, int64_t in, int me
         keep_in = made;
     }
     float *g = (float *)malloc((size_t)n * (size_t)dh_cols * sizeof(float));  /* dh as fp32 */
-    if (!g) { free(made); return; }
+    if (!g) { free(made); return -1; }
+    int failed = 0;
     for (int64_t e = 0; e < n * dh_cols; e++) g[e] = load_scalar(dh, dh_bf16, e);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         float *col = (float *)malloc((size_t)n * 16 * sizeof(float));  /* this block's dx, fp32 */
+        if (!col) {
+#pragma omp atomic write
+            failed = 1;
+        }
 #pragma omp for schedule(static)
         for (int64_t jb = 0; jb < blocks; jb++) {
+            if (!col) continue;
             const int64_t j = jb * 16;
             const __mmask16 t = tail16(j, in);
             for (int64_t row = 0; row < n; row++)
@@ -231,6 +237,7 @@ void lora_down_backward(const void *x, int x_bf16, int64_t n, int64_t in, int me
     }
     free(g);
     free(made);
+    return failed ? -1 : 0;
 }
 
 /* a vectorised exp (Cephes-style: 2^k e^r, |r| <= ln2/2, degree-6 polynomial; ~1 ulp); 0 below
@@ -433,7 +440,8 @@ def _check(lib: ctypes.CDLL) -> None:
     lib.rope_move.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, i64, i32, i64, i64, i64, i64, i64, i32, i32]
     lib.softmax_forward.argtypes = [ptr, ptr, i64, f32, ptr, ptr, i32, i64, i64, i64, i32]
     lib.softmax_backward.argtypes = [ptr, ptr, f32, ptr, i32, i64, i64, i32]
-    for fn in (lib.lora_down, lib.lora_down_backward, lib.silu_mul, lib.silu_mul_backward, lib.rms_norm, lib.rms_norm_backward,
+    lib.lora_down_backward.restype = i32
+    for fn in (lib.lora_down, lib.silu_mul, lib.silu_mul_backward, lib.rms_norm, lib.rms_norm_backward,
                lib.rope_move, lib.softmax_forward, lib.softmax_backward):
         fn.restype = None
 
@@ -478,6 +486,7 @@ def lora_down(x: torch.Tensor, members: Members, out_dtype: torch.dtype, keep_bi
     """[N, in] -> ([N, sum r]: each member's masked input times its A^T (see the module docstring),
     the keep bits [members, N, ceil(in / 64)] int64 for ``lora_down_backward``, or None when not
     asked or when no member is masked)."""
+    x = x.contiguous()
     n, in_f = x.shape
     h = torch.empty(n, sum(members.ranks), dtype=out_dtype)
     bits = torch.empty(members.count, n, (in_f + 63) // 64, dtype=torch.int64) if keep_bits and members.any_masked else None
@@ -492,21 +501,25 @@ def lora_down_backward(x: torch.Tensor, members: Members, dh: torch.Tensor, dx: 
     """(dx + sum of the members' masked dh_m @ A_m written into dx in place, or a new tensor of
     x's dtype when dx is None; dA [sum r, in] fp32). ``bits``: ``lora_down``'s keep bits of the same
     call, else they are generated again from the seeds."""
+    x = x.contiguous()
     n, in_f = x.shape
     dh = dh.contiguous()
     add = dx is not None
     if dx is None:
         dx = torch.empty(n, in_f, dtype=x.dtype)
     da = torch.empty(sum(members.ranks), in_f, dtype=torch.float32)
-    LIBRARY.loaded().lora_down_backward(x.data_ptr(), _DTYPES[x.dtype], n, in_f, members.count, members.ptrs, members.rank_arr,
+    rc = LIBRARY.loaded().lora_down_backward(x.data_ptr(), _DTYPES[x.dtype], n, in_f, members.count, members.ptrs, members.rank_arr,
                                         members.seed_arr, members.thr_arr, members.scale_arr, members.masked_arr,
                                         dh.data_ptr(), _DTYPES[dh.dtype], dh.shape[1], dx.data_ptr(), _DTYPES[dx.dtype], int(add),
                                         da.data_ptr(), None if bits is None else bits.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError(f"lora_down_backward could not allocate its buffers ({n} x {in_f})")
     return dx, da
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     """[N, 2I] (gate | up) -> [N, I] silu(gate) * up."""
+    gu = gu.contiguous()
     n, two = gu.shape
     act = torch.empty(n, two // 2, dtype=gu.dtype)
     LIBRARY.loaded().silu_mul(gu.data_ptr(), act.data_ptr(), _DTYPES[gu.dtype], n, two // 2, torch.get_num_threads())
@@ -515,6 +528,7 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_backward(gu: torch.Tensor, d_act: torch.Tensor) -> torch.Tensor:
     """[N, 2I], [N, I] -> [N, 2I] (d gate | d up)."""
+    gu = gu.contiguous()
     n, two = gu.shape
     d_act = d_act.contiguous()
     dgu = torch.empty_like(gu)
@@ -524,6 +538,7 @@ def silu_mul_backward(gu: torch.Tensor, d_act: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, C] -> (h [N, C] of x's dtype, rstd [N, 1] fp32); w of x's dtype."""
+    x = x.contiguous()
     n, c = x.shape
     h = torch.empty_like(x)
     rstd = torch.empty(n, 1, dtype=torch.float32)
@@ -534,7 +549,7 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor
 def rms_norm_backward(dh: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor, add: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """dx (+ add) of ``out_dtype``; dh, x, w of one dtype, all [N, C] contiguous."""
     n, c = x.shape
-    dh = dh.contiguous()
+    dh, x = dh.contiguous(), x.contiguous()
     out = torch.empty(n, c, dtype=out_dtype)
     add = None if add is None else add.contiguous()
     add_ptr, add_bf16 = (None, 0) if add is None else (add.data_ptr(), _DTYPES[add.dtype])

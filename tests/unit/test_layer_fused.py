@@ -137,12 +137,49 @@ def test_bf16_gradients_are_as_close_to_fp32_as_the_branch_nodes_are():
 
 
 @needs_mask
-def test_gradient_checkpointing_recomputes_the_same_masks():
+def test_gradient_checkpointing_recomputes_the_same_masks(monkeypatch):
+    """Non-reentrant checkpointing (train-adapter's) drops what the node saved and runs the layer
+    again in the backward: the node must run twice per layer and give the same gradients."""
     want = _grads(_model(dropout=0.3), _batch())
     model = _model(dropout=0.3)
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    assert _uses_node(model, _batch(), monkeypatch) == 4  # 2 layers, each recomputed once
+    model.zero_grad()
     _close(_grads(model, _batch()), want, 2e-5)
+
+
+def test_under_autocast_the_layers_take_their_own_forward(monkeypatch):
+    """--bf16 true over an fp32 base (int4-aware, PiSSA) trains under CPU autocast: the node
+    computes in its input's dtype only, so the per-branch node runs there instead."""
+    model = _model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _uses_node(model, _batch(), monkeypatch) == 0
+        model.zero_grad()
+        got = _grads(model, _batch())
+        want = _grads(_model(layer=False), _batch())
+    _close(got, want, 1e-6)
+
+
+def test_sdpa_left_padding_gives_rows_without_keys_zero_attention_as_sdpa_does():
+    batch = _batch()
+    mask = batch["attention_mask"].flip(1)  # left padding: the first rows of rows 1 and 2 see no key
+    batch = {"input_ids": batch["input_ids"], "attention_mask": mask, "labels": batch["input_ids"].masked_fill(mask == 0, -100)}
+    _close(_grads(_model(attn="sdpa"), batch), _grads(_model(attn="sdpa", layer=False, branch=False), batch), 2e-5)
+
+
+def test_a_strided_input_is_read_as_its_values():
+    model, ref = _model(), _model(layer=False, branch=False)
+    ids = _batch()["input_ids"]
+
+    def run(m):
+        wide = torch.cat([m.get_input_embeddings()(ids), torch.zeros(3, 21, 5)], -1)  # [B, T, C + 5]
+        torch.manual_seed(123)
+        out = m(inputs_embeds=wide[..., :64], labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+    _close(run(model), run(ref), 2e-5)
 
 
 def test_eval_and_a_kv_cache_take_the_layers_own_forward(monkeypatch):
