@@ -86,27 +86,6 @@ static void row_bits(uint64_t flat0, int64_t len, int masked, uint64_t seed, uin
     }
 }
 
-/* 16 elements from j (fewer at the row's end: tail mask) */
-static inline __mmask16 tail16(int64_t j, int64_t len) {
-    int64_t left = len - j;
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
-
-static inline __m512 loadm(const void *x, int bf16, int64_t i, __mmask16 m) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + i)), 16));
-    return _mm512_maskz_loadu_ps(m, (const float *)x + i);
-}
-
-static inline void storem(void *y, int bf16, int64_t i, __m512 v, __mmask16 m) {
-    if (!bf16) { _mm512_mask_storeu_ps((float *)y + i, m, v); return; }
-    __m512i b = _mm512_castps_si512(v);
-    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
-    r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x400000));
-    _mm256_mask_storeu_epi16((uint16_t *)y + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
-}
-
 /* v rounded to bf16 (nearest even), kept as fp32 (finite values) */
 static inline __m512 rnd16(__m512 v) {
     __m512i b = _mm512_castps_si512(v);
@@ -162,8 +141,6 @@ void lora_down(const void *x, int x_bf16, int64_t n, int64_t in, int members,
     }
 }
 
-static inline float load_scalar(const void *p, int bf16, int64_t i) { return load1(p, bf16, i); }
-
 /* dx[n, j] += sum_m keep_m(n, j) scale_m sum_i dh[n, off_m + i] A_m[i, j];
    da[off_m + i, j] = sum_n dh[n, off_m + i] keep_m(n, j) scale_m x[n, j]   (da: [sum r, in] fp32)
    Shared out by columns, 16 at a time: for one column block every dA vector stays in a register
@@ -188,7 +165,7 @@ int lora_down_backward(const void *x, int x_bf16, int64_t n, int64_t in, int mem
     float *g = (float *)malloc((size_t)n * (size_t)dh_cols * sizeof(float));  /* dh as fp32 */
     if (!g) { free(made); return -1; }
     int failed = 0;
-    for (int64_t e = 0; e < n * dh_cols; e++) g[e] = load_scalar(dh, dh_bf16, e);
+    for (int64_t e = 0; e < n * dh_cols; e++) g[e] = load1(dh, dh_bf16, e);
 #pragma omp parallel num_threads(threads) if (threads > 1 && blocks > 1)
     {
         float *col = (float *)malloc((size_t)n * 16 * sizeof(float));  /* this block's dx, fp32 */

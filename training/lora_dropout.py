@@ -86,11 +86,20 @@ static inline void philox16(__m512i c0, __m512i c1, uint32_t k0, uint32_t k1, __
     out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
 }
 
-static inline __m512 load16(const void *x, int bf16, int64_t i) {
-    if (bf16)
-        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)x + i))), 16));
-    return _mm512_loadu_ps((const float *)x + i);
+/* 16 elements from j (fewer at the end: a tail mask) */
+static inline __mmask16 tail16(int64_t j, int64_t len) {
+    int64_t left = len - j;
+    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
 }
+
+/* the elements of m from i, fp32 (flag 0) or bf16 (flag 1), as fp32 */
+static inline __m512 loadm(const void *x, int bf16, int64_t i, __mmask16 m) {
+    if (bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t *)x + i)), 16));
+    return _mm512_maskz_loadu_ps(m, (const float *)x + i);
+}
+
+static inline __m512 load16(const void *x, int bf16, int64_t i) { return loadm(x, bf16, i, 0xFFFF); }
 
 static inline float load1(const void *x, int bf16, int64_t i) {
     if (bf16) { uint32_t b = (uint32_t)((const uint16_t *)x)[i] << 16; float f; memcpy(&f, &b, 4); return f; }
@@ -105,14 +114,17 @@ static inline uint16_t round1(float v) {
     return (uint16_t)(b >> 16);
 }
 
-static inline void store16(void *y, int bf16, int64_t i, __m512 v) {
-    if (!bf16) { _mm512_storeu_ps((float *)y + i, v); return; }
+/* the elements of m to i, fp32 or bf16 (rounded to nearest even as round1, NaN stays NaN) */
+static inline void storem(void *y, int bf16, int64_t i, __m512 v, __mmask16 m) {
+    if (!bf16) { _mm512_mask_storeu_ps((float *)y + i, m, v); return; }
     __m512i b = _mm512_castps_si512(v);
     __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
     r = _mm512_mask_or_epi32(r, nan, b, _mm512_set1_epi32(0x400000));
-    _mm256_storeu_si256((__m256i *)((uint16_t *)y + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    _mm256_mask_storeu_epi16((uint16_t *)y + i, m, _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
 }
+
+static inline void store16(void *y, int bf16, int64_t i, __m512 v) { storem(y, bf16, i, v, 0xFFFF); }
 
 static inline void store1(void *y, int bf16, int64_t i, float v) {
     if (bf16) ((uint16_t *)y)[i] = round1(v);
